@@ -1,0 +1,76 @@
+"""Backend registry and ``backend="auto"`` dispatch.
+
+Backends are loaded lazily by name, so importing fastirl never compiles or
+imports Triton / the native extension until one is asked for.  A loader returns
+a backend object (see :mod:`fastirl.backends.base`) or raises ``ImportError`` /
+``RuntimeError`` with the reason it is unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import torch
+
+from .base import Backend, LogitSpec, RowStats
+
+__all__ = ["Backend", "LogitSpec", "RowStats", "available_backends", "get_backend",
+           "resolve_backend", "BACKENDS"]
+
+# name -> "module:attribute" of a zero-argument loader.
+BACKENDS: dict[str, str] = {
+    "torch": "fastirl.backends.torch_chunked:load",
+    "triton": "fastirl.backends.triton_kernels:load",
+    "cpu": "fastirl.backends.native:load_cpu",
+    "cuda": "fastirl.backends.native:load_cuda",
+}
+
+# Preference order of ``backend="auto"`` per device type.
+_AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+@cache
+def _load(name: str) -> Backend:
+    module, attr = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; raises RuntimeError saying why if it cannot load."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
+    try:
+        return _load(name)
+    except (ImportError, RuntimeError, OSError) as exc:
+        raise RuntimeError(f"fastirl backend {name!r} is not available: {exc}") from exc
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that load and support ``device``."""
+    device = torch.device(device)
+    names = []
+    for name in BACKENDS:
+        try:
+            if get_backend(name).supports(device):
+                names.append(name)
+        except RuntimeError:
+            pass
+    return names
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """``name`` or, for "auto", the fastest backend available on ``device``."""
+    if name != "auto":
+        backend = get_backend(name)
+        if not backend.supports(device):
+            raise ValueError(f"backend {name!r} does not support device {device}")
+        return backend
+    for candidate in _AUTO.get(device.type, ("torch",)):
+        try:
+            backend = get_backend(candidate)
+        except RuntimeError:
+            continue
+        if backend.supports(device):
+            return backend
+    raise RuntimeError(f"no fastirl backend supports device {device}")

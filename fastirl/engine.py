@@ -1,0 +1,279 @@
+"""Chunked autograd engine: per-row statistics in, per-row coefficients out.
+
+Two autograd functions drive any backend (see :mod:`fastirl.backends.base`):
+
+* ``_RowStats`` (recompute mode): forward returns V and q of the active rows;
+  the objective runs over them with ordinary autograd, and backward hands
+  (dL/dV, dL/dq) to the backend, which recomputes each logits chunk.  Used for
+  reduction="none" and for iq_loss_from_logits.
+* ``_SinglePass``: when the loss is a scalar and gradients are wanted, each
+  chunk's gradients are formed during forward from the logits block that is
+  already there (three GEMMs instead of four).  The objective couples a row
+  only to the next one, so a chunk needs V of one look-ahead row, and passes
+  dL/dV of that row (from the TD term of its own last row) on to the next chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import objective as obj
+from .backends import LogitSpec, resolve_backend
+from .backends.base import Backend, RowStats, acc_dtype
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Named precision / speed trade-off.
+
+    upcast: run every GEMM on float32 copies of low-precision inputs (exact
+        logits, at the cost of a float32 copy of the weight).
+    deterministic: bitwise-reproducible weight gradients (no atomics).
+    """
+
+    upcast: bool = False
+    deterministic: bool = True
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(),
+    "fast": Preset(deterministic=False),
+    "highest": Preset(upcast=True),
+}
+
+
+@dataclass
+class _Job:
+    backend: Backend
+    spec: LogitSpec
+    plan: obj.RowPlan
+    opts: obj.IQOptions
+    chunk: int
+    # Filled by forward: statistics that are not differentiable outputs.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def chunks(self, lookahead: bool = False):
+        """(start, stop, stop_with_lookahead) over the active rows."""
+        n, c = self.plan.n, self.chunk
+        cont = self.plan.cont.cpu() if lookahead else None
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            yield s, e, e + 1 if lookahead and e < n and bool(cont[e - 1]) else e
+
+    def rows(self, t: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """Rows [s, e) of the active list taken from a (B*T, ...) tensor."""
+        if self.plan.index is None:
+            return t[s:e]
+        return t.index_select(0, self.plan.index[s:e])
+
+    def put(self, out: torch.Tensor, s: int, e: int, rows: torch.Tensor) -> None:
+        if self.plan.index is None:
+            out[s:e].copy_(rows)
+        else:
+            out.index_copy_(0, self.plan.index[s:e], rows.to(out.dtype))
+
+
+def _cat(parts: list[torch.Tensor | None], empty: torch.Tensor) -> torch.Tensor | None:
+    if not parts:
+        return empty
+    return None if parts[0] is None else torch.cat(parts)
+
+
+def _collect(stats: list[RowStats], device, dtype) -> dict[str, torch.Tensor | None]:
+    f32 = torch.zeros(0, dtype=dtype, device=device)
+    return {
+        "value": _cat([s.value for s in stats], f32),
+        "target_logit": _cat([s.target_logit for s in stats], f32),
+        "entropy": _cat([s.entropy for s in stats], f32),
+        "argmax": _cat([s.argmax for s in stats], torch.zeros(0, dtype=torch.long, device=device)),
+    }
+
+
+def _grad_buffers(job: _Job, x, weight, bias, need):
+    need_x, need_w, need_b = need
+    dx = torch.zeros_like(x) if need_x else None
+    acc = acc_dtype(weight.dtype)
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    db = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
+          if need_b and bias is not None else None)
+    return dx, dw, db
+
+
+def _finish(dw, weight, db, bias):
+    return (None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
+class _RowStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, job: _Job, x, weight, bias):
+        stats = []
+        for s, e, _ in job.chunks():
+            st, _ = job.backend.forward(job.rows(x, s, e), weight, bias, job.plan.targets[s:e],
+                                        job.spec, keep=False)
+            stats.append(st)
+        out = _collect(stats, x.device, acc_dtype(x.dtype))
+        job.extras.update(entropy=out["entropy"], argmax=out["argmax"])
+        ctx.job = job
+        ctx.save_for_backward(x, weight, bias, out["value"])
+        return out["value"], out["target_logit"]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_value, grad_target):
+        job: _Job = ctx.job
+        x, weight, bias, value = ctx.saved_tensors
+        grad_value = torch.zeros_like(value) if grad_value is None else grad_value.to(value.dtype)
+        grad_target = torch.zeros_like(value) if grad_target is None else grad_target.to(value.dtype)
+        dx, dw, db = _grad_buffers(job, x, weight, bias, ctx.needs_input_grad[1:])
+        for s, e, _ in job.chunks():
+            dx_c = job.backend.backward(job.rows(x, s, e), weight, bias, job.plan.targets[s:e],
+                                        value[s:e], grad_value[s:e], grad_target[s:e], job.spec,
+                                        None, need_x=dx is not None, dweight=dw, dbias=db)
+            if dx is not None:
+                job.put(dx, s, e, dx_c)
+        return (None, dx, *_finish(dw, weight, db, bias))
+
+
+class _SinglePass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, job: _Job, x, weight, bias):
+        plan, opts = job.plan, job.opts
+        dx, dw, db = _grad_buffers(job, x, weight, bias, ctx.needs_input_grad[1:])
+        total = torch.zeros((), dtype=acc_dtype(x.dtype), device=x.device)
+        stats, rewards = [], []
+        carry = None          # dL/dV of this chunk's first row, from the previous chunk
+        for s, e, e_look in job.chunks(lookahead=True):
+            k = e - s
+            st, state = job.backend.forward(job.rows(x, s, e_look), weight, bias,
+                                            plan.targets[s:e_look], job.spec, keep=True)
+            with torch.enable_grad():
+                q = st.target_logit[:k].detach().requires_grad_()
+                v = st.value.detach().requires_grad_()
+                loss, r = obj.row_losses(q, v[:k], plan.slice(s, e), opts,
+                                         v_after=v[k] if e_look > e else None)
+                grad_target, grad_value = torch.autograd.grad(loss.sum(), (q, v))
+            if carry is not None:
+                grad_value[0] += carry
+            carry = grad_value[k].clone() if e_look > e else None
+            grad_target = torch.cat([grad_target, grad_target.new_zeros(e_look - e)])
+            if e_look > e:                       # the look-ahead row is the next chunk's
+                grad_value[k] = 0
+            dx_c = job.backend.backward(job.rows(x, s, e_look), weight, bias,
+                                        plan.targets[s:e_look], st.value, grad_value,
+                                        grad_target, job.spec, state,
+                                        need_x=dx is not None, dweight=dw, dbias=db)
+            if dx is not None:
+                job.put(dx, s, e, dx_c[:k])
+            total += loss.detach().sum()
+            stats.append(RowStats(st.value[:k], st.target_logit[:k],
+                                  None if st.entropy is None else st.entropy[:k],
+                                  None if st.argmax is None else st.argmax[:k]))
+            rewards.append(r.detach())
+        out = _collect(stats, x.device, acc_dtype(x.dtype))
+        out["reward"] = _cat(rewards, torch.zeros(0, dtype=acc_dtype(x.dtype), device=x.device))
+        job.extras.update(out)
+        ctx.grads = (dx, *_finish(dw, weight, db, bias))
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grads = ctx.grads
+        del ctx.grads
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):
+            grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
+        return (None, *grads)
+
+
+def _low_precision(t: torch.Tensor | None) -> bool:
+    return t is not None and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: obj.IQOptions, *, backend: str,
+               preset: Preset, chunk_size: int | None, want_metrics: bool,
+               single_pass: bool | None = None):
+    """The IQ loss of flattened rows (B*T, H).  Returns (loss, per-row tensors dict)."""
+    out_dtype = hidden2d.dtype
+    if preset.upcast and _low_precision(hidden2d):
+        hidden2d, weight = hidden2d.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    be = resolve_backend(backend, hidden2d.device)
+    spec = LogitSpec(temperature=opts.temperature, softcap=opts.softcap,
+                     deterministic=preset.deterministic, entropy=want_metrics,
+                     argmax=want_metrics)
+    V, H = weight.shape
+    chunk = be.rows_per_chunk(plan.n, V, H, hidden2d.dtype, chunk_size) if plan.n else 1
+    job = _Job(be, spec, plan, opts, chunk)
+    weight = weight.contiguous()
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden2d, weight, bias))
+    if single_pass is None:
+        single_pass = wants_grad and opts.reduction != "none"
+    if single_pass:
+        loss = _SinglePass.apply(job, hidden2d, weight, bias)
+        rows = job.extras
+    else:
+        value, q = _RowStats.apply(job, hidden2d, weight, bias)
+        loss, r = obj.row_losses(q, value, plan, opts)
+        rows = dict(job.extras, value=value, target_logit=q, reward=r, row_loss=loss)
+        if opts.reduction != "none":
+            loss = loss.sum()
+    return _cast(loss, out_dtype), rows
+
+
+class _LogitsRowStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, job: _Job, logits):
+        stats = [job.backend.logits_forward(job.rows(logits, s, e), job.plan.targets[s:e],
+                                            job.spec) for s, e, _ in job.chunks()]
+        out = _collect(stats, logits.device, acc_dtype(logits.dtype))
+        job.extras.update(entropy=out["entropy"], argmax=out["argmax"])
+        ctx.job = job
+        ctx.save_for_backward(logits, out["value"])
+        return out["value"], out["target_logit"]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_value, grad_target):
+        job: _Job = ctx.job
+        logits, value = ctx.saved_tensors
+        grad_value = torch.zeros_like(value) if grad_value is None else grad_value.to(value.dtype)
+        grad_target = torch.zeros_like(value) if grad_target is None else grad_target.to(value.dtype)
+        grad = torch.zeros_like(logits)      # the gradient itself: inactive rows stay 0
+        for s, e, _ in job.chunks():
+            out = grad[s:e] if job.plan.index is None else torch.empty(
+                e - s, logits.shape[1], dtype=logits.dtype, device=logits.device)
+            job.backend.logits_backward(job.rows(logits, s, e), job.plan.targets[s:e],
+                                        value[s:e], grad_value[s:e], grad_target[s:e],
+                                        job.spec, out)
+            if job.plan.index is not None:
+                job.put(grad, s, e, out)
+        return None, grad
+
+
+def run_logits(logits2d, plan: obj.RowPlan, opts: obj.IQOptions, *, backend: str,
+               preset: Preset, chunk_size: int | None, want_metrics: bool):
+    out_dtype = logits2d.dtype
+    if preset.upcast and _low_precision(logits2d):
+        logits2d = logits2d.float()
+    be = resolve_backend(backend, logits2d.device)
+    spec = LogitSpec(temperature=opts.temperature, softcap=opts.softcap,
+                     deterministic=preset.deterministic, entropy=want_metrics,
+                     argmax=want_metrics)
+    V = logits2d.shape[1]
+    chunk = be.rows_per_chunk(plan.n, V, 0, logits2d.dtype, chunk_size) if plan.n else 1
+    job = _Job(be, spec, plan, opts, chunk)
+    value, q = _LogitsRowStats.apply(job, logits2d)
+    loss, r = obj.row_losses(q, value, plan, opts)
+    rows = dict(job.extras, value=value, target_logit=q, reward=r)
+    if opts.reduction != "none":
+        loss = loss.sum()
+    return _cast(loss, out_dtype), rows
+
+
+def _cast(loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return loss if loss.dtype == dtype else loss.to(dtype)

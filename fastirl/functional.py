@@ -1,0 +1,224 @@
+"""The public functional API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from . import _validate as check
+from . import engine
+from .backends import BACKENDS
+from .backends.base import acc_dtype
+from .objective import IQOptions, metrics, plan_rows, row_losses
+
+__all__ = ["iq_loss", "iq_loss_from_logits", "implicit_rewards"]
+
+Divergence = Literal["chi2", "total_variation", "hellinger", "js", "kl", "kl_fix"]
+Reduction = Literal["mean", "sum", "none"]
+
+OPTIONS_DOC = """
+    Keyword options (shared by every entry point):
+        gamma (float in [0, 1]): discount of the next-state value. Default 1.
+        td_weight (float >= 0): lambda, weight of the TD regulariser r^2.
+            0 with temperature 1 is exactly the mean token cross-entropy. Default 0.1.
+        temperature (float > 0): tau; V = tau * logsumexp(z / tau). Default 1.
+        ignore_index (int): target value of rows that are not actions. Default -100.
+        reduction ("mean" | "sum" | "none"): "none" returns l_t of shape (B, T)
+            (0 on non-action rows, weights not normalised).
+        position_ids ((B, T) int, optional): packed sequences; a 0 starts a sequence.
+        done ((B, T) bool, optional): explicit terminal actions; then row t+1 of
+            the same sequence is bootstrapped from whenever not done_t.
+        is_expert ((B,) bool, optional): online mode; expert sequences vs samples.
+        divergence: "chi2" (default), "total_variation", "hellinger", "js", "kl", "kl_fix".
+        value_term ("value_expert" | "value" | "v0", optional): the value term
+            (default "value_expert" offline, "value" online).
+        td_rows ("expert" | "all"): rows of the TD regulariser (IQ-Learn "chi" vs
+            "regularize"). Default "expert".
+        detach_next_value (bool): stop the gradient through V_{t+1}. Default False.
+        softcap (float > 0, optional): z <- c * tanh(z / c) before everything.
+        num_items_in_batch (int or scalar tensor, optional): replaces the
+            normalisers N (N_all and N_E) of reduction="mean", e.g. the token
+            count of a whole gradient-accumulation step.
+        return_metrics (bool): also return a dict of detached means over action
+            rows: nll, td_penalty, reward, value, entropy, accuracy.
+        backend ("auto" | "torch" | "triton" | "cpu" | "cuda"): compute backend.
+        preset ("default" | "fast" | "highest"): precision/speed trade-off:
+            "default" GEMMs in the input dtype with float32 accumulation and
+            deterministic gradients; "fast" allows atomics; "highest" runs the
+            GEMMs on float32 copies of bf16/fp16 inputs.
+        chunk_size (int, optional): rows per chunk (default: from a memory budget).
+"""
+
+
+def _options(gamma, td_weight, temperature, ignore_index, reduction, divergence, softcap,
+             value_term, td_rows, detach_next_value, backend, preset, chunk_size) -> IQOptions:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    if preset not in engine.PRESETS:
+        raise ValueError(f"preset must be one of {sorted(engine.PRESETS)}, got {preset!r}")
+    check.chunk_size(chunk_size)
+    return IQOptions(gamma=gamma, td_weight=td_weight, temperature=temperature,
+                     ignore_index=ignore_index, reduction=reduction, divergence=divergence,
+                     softcap=softcap, value_term=value_term, td_rows=td_rows,
+                     detach_next_value=bool(detach_next_value))
+
+
+def _batch(main_name, main, targets, position_ids, done, is_expert):
+    """Validates targets and the sequence tensors; returns them as (B, T) views."""
+    check.tensor("targets", targets, ndim=(1, 2), integer=True)
+    lead = tuple(main.shape[:-1])
+    if tuple(targets.shape) != lead:
+        raise ValueError(f"targets must have shape {lead} (the leading dimensions of "
+                         f"{main_name}), got shape {tuple(targets.shape)}")
+    check.same_device(main_name, main, targets=targets, position_ids=position_ids, done=done,
+                      is_expert=is_expert)
+    if position_ids is not None:
+        check.tensor("position_ids", position_ids, integer=True)
+        check.shape("position_ids", position_ids, lead, "one position per target")
+    if done is not None:
+        check.tensor("done", done, boolean=True)
+        check.shape("done", done, lead, "one flag per target")
+    flat = targets.dim() == 1
+    if is_expert is not None:
+        check.tensor("is_expert", is_expert, boolean=True)
+        check.shape("is_expert", is_expert, (1,) if flat else lead[:1], "one flag per sequence")
+    if flat:
+        f = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731
+        return f(targets.long()), f(position_ids), f(done), is_expert, flat
+    return targets.long(), position_ids, done, is_expert, flat
+
+
+def _result(loss, rows, plan, opts, flat, return_metrics):
+    if opts.reduction == "none":
+        loss = plan.scatter(loss)
+        if flat:
+            loss = loss.squeeze(0)
+    if not return_metrics:
+        return loss
+    return loss, metrics(rows["target_logit"], rows["value"], rows["reward"], rows["entropy"],
+                         rows["argmax"], plan, opts)
+
+
+def _linear_inputs(hidden, weight, bias, targets, opts, position_ids, done, is_expert,
+                   num_items_in_batch):
+    check.tensor("hidden", hidden, ndim=(2, 3), floating=True)
+    check.tensor("weight", weight, ndim=2, floating=True)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (vocab, {H}) to match hidden's last dimension "
+                         f"{H}, got shape {tuple(weight.shape)}")
+    check.same_device("hidden", hidden, weight=weight, bias=bias)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None:
+        check.tensor("bias", bias, ndim=1, floating=True)
+        check.shape("bias", bias, (weight.shape[0],), "one per vocabulary entry")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+    targets, position_ids, done, is_expert, flat = _batch("hidden", hidden, targets,
+                                                          position_ids, done, is_expert)
+    check.targets_in_range(targets, weight.shape[0], opts.ignore_index)
+    plan = plan_rows(targets, opts, position_ids=position_ids, done=done, is_expert=is_expert,
+                     num_items_in_batch=check.num_items(num_items_in_batch),
+                     dtype=acc_dtype(hidden.dtype))
+    return hidden.reshape(-1, H), plan, flat
+
+
+def iq_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+            bias: torch.Tensor | None = None, gamma: float = 1.0, td_weight: float = 0.1,
+            temperature: float = 1.0, ignore_index: int = -100, reduction: Reduction = "mean",
+            position_ids: torch.Tensor | None = None, done: torch.Tensor | None = None,
+            is_expert: torch.Tensor | None = None, divergence: Divergence = "chi2",
+            softcap: float | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+            value_term: str | None = None, td_rows: str = "expert",
+            detach_next_value: bool = False, return_metrics: bool = False,
+            backend: str = "auto", preset: str = "default", chunk_size: int | None = None):
+    """IQ-Learn loss of a language model head, without materialising the logits.
+
+    Args:
+        hidden: (B, T, H) (or (N, H)) float32 / bfloat16 / float16 final hidden states.
+        weight: (V, H) LM head weight, same dtype and device as ``hidden``.
+        targets: (B, T) (or (N,)) integer token ids, aligned: ``hidden[b, t]``
+            predicts ``targets[b, t]`` (shift HF ``labels`` by one first).
+        bias: optional (V,) LM head bias.
+
+    With logits z_t = W h_t + b, Q-values z, soft value V_t = tau logsumexp(z_t/tau),
+    q_t = z_t[a_t], implicit reward r_t = q_t - gamma d_t V_{t+1} (d_t: row t+1
+    continues the same sequence) and action mask m_t, the default (offline
+    chi^2) loss is
+
+        L = sum_t m_t [ (V_t - q_t) + td_weight * r_t^2 ] / sum_t m_t
+
+    and the general IQ-Learn form of ``shared/spec/iq-objective.md`` with the
+    options below.  Reductions and weight gradients accumulate in float32; the
+    loss and gradients come back in the input dtype.  All-ignored batches give
+    0 with zero gradients; non-finite hidden values give NaN.
+
+    Returns:
+        the loss (scalar, or (B, T) for reduction="none"), or ``(loss, metrics)``
+        with ``return_metrics=True``.
+    """
+    opts = _options(gamma, td_weight, temperature, ignore_index, reduction, divergence, softcap,
+                    value_term, td_rows, detach_next_value, backend, preset, chunk_size)
+    hidden2d, plan, flat = _linear_inputs(hidden, weight, bias, targets, opts, position_ids,
+                                          done, is_expert, num_items_in_batch)
+    loss, rows = engine.run_linear(hidden2d, weight, bias, plan, opts, backend=backend,
+                                   preset=engine.PRESETS[preset], chunk_size=chunk_size,
+                                   want_metrics=return_metrics)
+    return _result(loss, rows, plan, opts, flat, return_metrics)
+
+
+def iq_loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, gamma: float = 1.0,
+                        td_weight: float = 0.1, temperature: float = 1.0,
+                        ignore_index: int = -100, reduction: Reduction = "mean",
+                        position_ids: torch.Tensor | None = None,
+                        done: torch.Tensor | None = None, is_expert: torch.Tensor | None = None,
+                        divergence: Divergence = "chi2", softcap: float | None = None,
+                        num_items_in_batch: int | torch.Tensor | None = None,
+                        value_term: str | None = None, td_rows: str = "expert",
+                        detach_next_value: bool = False, return_metrics: bool = False,
+                        backend: str = "auto", preset: str = "default",
+                        chunk_size: int | None = None):
+    """IQ-Learn loss from (B, T, V) (or (N, V)) logits; same options and formula as
+    :func:`iq_loss`.  Allocates no (B, T, V) tensor beyond the gradient itself."""
+    opts = _options(gamma, td_weight, temperature, ignore_index, reduction, divergence, softcap,
+                    value_term, td_rows, detach_next_value, backend, preset, chunk_size)
+    check.tensor("logits", logits, ndim=(2, 3), floating=True)
+    targets, position_ids, done, is_expert, flat = _batch("logits", logits, targets,
+                                                          position_ids, done, is_expert)
+    V = logits.shape[-1]
+    check.targets_in_range(targets, V, ignore_index)
+    plan = plan_rows(targets, opts, position_ids=position_ids, done=done, is_expert=is_expert,
+                     num_items_in_batch=check.num_items(num_items_in_batch),
+                     dtype=acc_dtype(logits.dtype))
+    loss, rows = engine.run_logits(logits.reshape(-1, V), plan, opts, backend=backend,
+                                   preset=engine.PRESETS[preset], chunk_size=chunk_size,
+                                   want_metrics=return_metrics)
+    return _result(loss, rows, plan, opts, flat, return_metrics)
+
+
+@torch.no_grad()
+def implicit_rewards(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                     bias: torch.Tensor | None = None, gamma: float = 1.0,
+                     temperature: float = 1.0, ignore_index: int = -100,
+                     position_ids: torch.Tensor | None = None, done: torch.Tensor | None = None,
+                     softcap: float | None = None, backend: str = "auto",
+                     preset: str = "default", chunk_size: int | None = None) -> torch.Tensor:
+    """Per-token implicit rewards r_t = q_t - gamma d_t V_{t+1} (float32, shape of
+    ``targets``, 0 on non-action rows), without an autograd graph.  Summed over a
+    response (gamma = 1) they give tau * log p(response | prompt) + V_0."""
+    opts = _options(gamma, 0.0, temperature, ignore_index, "none", "chi2", softcap, None,
+                    "expert", False, backend, preset, chunk_size)
+    hidden2d, plan, flat = _linear_inputs(hidden, weight, bias, targets, opts, position_ids,
+                                          done, None, None)
+    _, rows = engine.run_linear(hidden2d, weight, bias, plan, opts, backend=backend,
+                                preset=engine.PRESETS[preset], chunk_size=chunk_size,
+                                want_metrics=False)
+    r = rows["reward"]
+    r = plan.scatter(torch.where(plan.action, r, torch.zeros_like(r)))
+    return r.squeeze(0) if flat else r
+
+
+iq_loss.__doc__ += OPTIONS_DOC
+iq_loss_from_logits.__doc__ += OPTIONS_DOC
