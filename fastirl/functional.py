@@ -48,6 +48,9 @@ OPTIONS_DOC = """
             deterministic gradients; "fast" allows atomics; "highest" runs the
             GEMMs on float32 copies of bf16/fp16 inputs.
         chunk_size (int, optional): rows per chunk (default: from a memory budget).
+        process_group (iq_loss only, optional): vocabulary parallelism; ``weight``
+            (and ``bias``) are this rank's contiguous vocabulary shard, ``targets``
+            global ids; see :mod:`fastirl.distributed`.
 """
 
 
@@ -101,7 +104,7 @@ def _result(loss, rows, plan, opts, flat, return_metrics):
 
 
 def _linear_inputs(hidden, weight, bias, targets, opts, position_ids, done, is_expert,
-                   num_items_in_batch):
+                   num_items_in_batch, vocab=None):
     check.tensor("hidden", hidden, ndim=(2, 3), floating=True)
     check.tensor("weight", weight, ndim=2, floating=True)
     H = hidden.shape[-1]
@@ -118,7 +121,7 @@ def _linear_inputs(hidden, weight, bias, targets, opts, position_ids, done, is_e
             raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
     targets, position_ids, done, is_expert, flat = _batch("hidden", hidden, targets,
                                                           position_ids, done, is_expert)
-    check.targets_in_range(targets, weight.shape[0], opts.ignore_index)
+    check.targets_in_range(targets, vocab or weight.shape[0], opts.ignore_index)
     plan = plan_rows(targets, opts, position_ids=position_ids, done=done, is_expert=is_expert,
                      num_items_in_batch=check.num_items(num_items_in_batch),
                      dtype=acc_dtype(hidden.dtype))
@@ -133,7 +136,8 @@ def iq_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
             softcap: float | None = None, num_items_in_batch: int | torch.Tensor | None = None,
             value_term: str | None = None, td_rows: str = "expert",
             detach_next_value: bool = False, return_metrics: bool = False,
-            backend: str = "auto", preset: str = "default", chunk_size: int | None = None):
+            backend: str = "auto", preset: str = "default", chunk_size: int | None = None,
+            process_group=None):
     """IQ-Learn loss of a language model head, without materialising the logits.
 
     Args:
@@ -161,8 +165,12 @@ def iq_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     """
     opts = _options(gamma, td_weight, temperature, ignore_index, reduction, divergence, softcap,
                     value_term, td_rows, detach_next_value, backend, preset, chunk_size)
+    vocab = None
+    if process_group is not None:   # weight / bias are this rank's vocabulary shard
+        from .distributed import vocab_parallel
+        backend, vocab = vocab_parallel(process_group, weight, backend)
     hidden2d, plan, flat = _linear_inputs(hidden, weight, bias, targets, opts, position_ids,
-                                          done, is_expert, num_items_in_batch)
+                                          done, is_expert, num_items_in_batch, vocab)
     loss, rows = engine.run_linear(hidden2d, weight, bias, plan, opts, backend=backend,
                                    preset=engine.PRESETS[preset], chunk_size=chunk_size,
                                    want_metrics=return_metrics)

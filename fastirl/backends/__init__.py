@@ -59,8 +59,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """``name`` or, for "auto", the fastest backend available on ``device``."""
+def resolve_backend(name: "str | Backend", device: torch.device) -> Backend:
+    """``name`` or, for "auto", the fastest backend available on ``device``.
+    A backend object (e.g. a vocabulary-parallel wrapper) is returned as is."""
+    if not isinstance(name, str):
+        return name
     if name != "auto":
         backend = get_backend(name)
         if not backend.supports(device):
