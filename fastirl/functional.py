@@ -42,7 +42,8 @@ OPTIONS_DOC = """
             count of a whole gradient-accumulation step.
         return_metrics (bool): also return a dict of detached means over action
             rows: nll, td_penalty, reward, value, entropy, accuracy.
-        backend ("auto" | "torch" | "triton" | "cpu" | "cuda"): compute backend.
+        backend ("auto" | "torch" | "triton" | "cpu" | "cuda", or an object
+            implementing :class:`fastirl.backends.base.Backend`): compute backend.
         preset ("default" | "fast" | "highest"): precision/speed trade-off:
             "default" GEMMs in the input dtype with float32 accumulation and
             deterministic gradients; "fast" allows atomics; "highest" runs the
@@ -56,7 +57,11 @@ OPTIONS_DOC = """
 
 def _options(gamma, td_weight, temperature, ignore_index, reduction, divergence, softcap,
              value_term, td_rows, detach_next_value, backend, preset, chunk_size) -> IQOptions:
-    if backend != "auto" and backend not in BACKENDS:
+    if not isinstance(backend, str):
+        if not all(hasattr(backend, a) for a in ("forward", "backward", "rows_per_chunk")):
+            raise TypeError(f"backend must be a backend name or an object implementing "
+                            f"fastirl.backends.base.Backend, got {type(backend).__name__}")
+    elif backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     if preset not in engine.PRESETS:
         raise ValueError(f"preset must be one of {sorted(engine.PRESETS)}, got {preset!r}")

@@ -1,0 +1,213 @@
+"""Triton kernels over logits that are already in memory, and the row-statistics
+helpers shared with the fused linear kernels (:mod:`.triton_linear`).
+
+Kernels (feature flags are constexprs, so each combination is one compiled
+variant, never a copy of the source):
+
+* ``logits_stats_kernel``: streaming statistics of an (n, V) logits block in
+  any float dtype, per (row block, vocabulary split) -> partial buffers.
+* ``merge_kernel``: merges the per-split partials into RowStats (also used
+  by the fused linear forward).
+* ``logits_grad_kernel``: dL/dz = A*p + B*onehot (x soft-cap derivative),
+  written into ``out`` (which may alias the logits).
+
+All arithmetic is float32 whatever the storage dtype; offsets are int64.
+Only tl.exp / tl.log / tl.sigmoid are used (no libdevice), so the kernels
+also run under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def softcap_fn(z, cap):
+    # c * tanh(z / c), with tanh(u) = 2 * sigmoid(2u) - 1 (no libdevice tanh;
+    # absolute error ~ c * 2^-24, saturates correctly at +-inf).
+    return cap * (2.0 * tl.sigmoid(z * (2.0 / cap)) - 1.0)
+
+
+@triton.jit
+def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M consecutive row blocks share each column
+    # (vocabulary split) block while it is hot in L2.
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+# Online (streaming) statistics of one tile z (R, C) of capped logits, columns
+# `cols`, invalid entries marked by `valid` (their z is ignored):
+#   m  = running max_v z                       (also the max logit)
+#   s  = sum_v e_v,           e_v = exp((z_v - m) / tau)
+#   w  = sum_v e_v * t_v,     t_v = (z_v - m) / tau         (entropy only)
+# When the max moves m -> m' (delta = (m - m') / tau <= 0, alpha = exp(delta)):
+#   s' = alpha * s,   w' = alpha * (w + s * delta)
+# since every old t_v becomes t_v + delta.  At the end
+#   V = m + tau * log s,   H = -sum p log p = log s - w / s.
+# Shifting by the max keeps w free of the cancellation that sum_v e_v z_v has.
+# argmax: first index of the tile max, kept only where the tile max is strictly
+# larger than the running max (first occurrence wins, like torch.max).
+# q: z at the target column (0 where no column matches, e.g. target -1).
+@triton.jit
+def online_update(z, valid, cols, v0, tgt, m, s, w, q, idx, inv_tau,
+                  ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
+    zm = tl.where(valid, z, NEG_INF)
+    tile_max = tl.max(zm, 1)
+    m_new = tl.maximum(m, tile_max)
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    delta = tl.where(m == NEG_INF, 0.0, (m - m_safe) * inv_tau)
+    alpha = tl.exp(delta)
+    t = (zm - m_safe[:, None]) * inv_tau
+    e = tl.where(valid, tl.exp(t), 0.0)
+    if ENTROPY:
+        w = alpha * (w + s * delta) + tl.sum(e * tl.where(valid, t, 0.0), 1)
+    s = alpha * s + tl.sum(e, 1)
+    q += tl.sum(tl.where(valid & (cols[None, :] == tgt[:, None]), z, 0.0), 1)
+    if ARGMAX:
+        tile_idx = tl.argmax(zm, 1, tie_break_left=True) + v0
+        idx = tl.where(tile_max > m, tile_idx, idx)
+    return m_new, s, w, q, idx
+
+
+# dL/dz = A * p + B * [v == target],  p = exp((z - V) / tau)   (z capped)
+# times d(c tanh(u/c))/du = 1 - tanh^2 = 1 - (z / c)^2 with soft-capping.
+@triton.jit
+def dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP: tl.constexpr):
+    p = tl.exp((z - value[:, None]) * inv_tau)
+    dz = gv[:, None] * p + tl.where(cols[None, :] == tgt[:, None], gt[:, None], 0.0)
+    if SOFTCAP:
+        r = z / cap
+        dz = dz * (1.0 - r * r)
+    return dz
+
+
+@triton.jit
+def store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, mask, m, s, w, q, idx,
+                   ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
+    tl.store(pm_ptr + off, m, mask=mask)
+    tl.store(ps_ptr + off, s, mask=mask)
+    tl.store(pq_ptr + off, q, mask=mask)
+    if ENTROPY:
+        tl.store(pw_ptr + off, w, mask=mask)
+    if ARGMAX:
+        tl.store(pi_ptr + off, idx, mask=mask)
+
+
+# Streaming statistics of stored logits: program (row block, vocabulary split)
+# walks its split in BLOCK_V columns with online_update and writes one partial
+# per row; merge_kernel combines the splits.
+@triton.jit
+def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
+                        n, V, stride_z, vb_per_split, inv_tau, cap,
+                        SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1)
+    m = tl.full((BLOCK_R,), NEG_INF, tl.float32)
+    s = tl.zeros((BLOCK_R,), tl.float32)
+    w = tl.zeros((BLOCK_R,), tl.float32)
+    q = tl.zeros((BLOCK_R,), tl.float32)
+    idx = tl.zeros((BLOCK_R,), tl.int32)
+    v_begin = pid_s * vb_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_V)
+    row_ptr = z_ptr + rows64[:, None] * stride_z
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        valid = rmask[:, None] & (cols < V)[None, :]
+        z = tl.load(row_ptr + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            z = softcap_fn(z, cap)
+        m, s, w, q, idx = online_update(z, valid, cols, v0, tgt, m, s, w, q, idx, inv_tau,
+                                        ENTROPY, ARGMAX)
+    off = pid_s.to(tl.int64) * n + rows64
+    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx,
+                   ENTROPY, ARGMAX)
+
+
+# Merge of per-split partials (m_i, s_i, w_i, q_i, idx_i), in split order:
+#   M = max_i m_i,  a_i = exp((m_i - M) / tau),  d_i = (m_i - M) / tau
+#   s = sum_i a_i s_i,   w = sum_i a_i (w_i + s_i d_i),   q = sum_i q_i
+#   V = M + tau log s,   H = log s - w / s,   argmax from the first split
+#   holding M.  Rows whose logits are all -inf keep M = -inf (V = -inf).
+@triton.jit
+def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
+                 value_ptr, q_ptr, ent_ptr, amax_ptr, maxl_ptr,
+                 n, nsplit, tau, inv_tau,
+                 ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    M = tl.full((BLOCK,), NEG_INF, tl.float32)
+    S = tl.zeros((BLOCK,), tl.float32)
+    W = tl.zeros((BLOCK,), tl.float32)
+    Q = tl.zeros((BLOCK,), tl.float32)
+    idx = tl.zeros((BLOCK,), tl.int32)
+    for _ in range(0, nsplit):          # split i's partials start at i * n
+        mi = tl.load(pm_ptr + rows64, mask=rmask, other=NEG_INF)
+        si = tl.load(ps_ptr + rows64, mask=rmask, other=1.0)   # 1: no log(0) on padding
+        Q += tl.load(pq_ptr + rows64, mask=rmask, other=0.0)
+        m_new = tl.maximum(M, mi)
+        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+        d_old = tl.where(M == NEG_INF, 0.0, (M - m_safe) * inv_tau)
+        d_i = tl.where(mi == NEG_INF, 0.0, (mi - m_safe) * inv_tau)
+        a_old = tl.exp(d_old)
+        a_i = tl.exp(d_i)
+        if ENTROPY:
+            wi = tl.load(pw_ptr + rows64, mask=rmask, other=0.0)
+            W = a_old * (W + S * d_old) + a_i * (wi + si * d_i)
+        if ARGMAX:
+            ii = tl.load(pi_ptr + rows64, mask=rmask, other=0)
+            idx = tl.where(mi > M, ii, idx)
+        S = a_old * S + a_i * si
+        M = m_new
+        pm_ptr += n
+        ps_ptr += n
+        pw_ptr += n
+        pq_ptr += n
+        pi_ptr += n
+    m_safe = tl.where(M == NEG_INF, 0.0, M)
+    log_s = tl.log(S)
+    tl.store(value_ptr + rows64, m_safe + tau * log_s, mask=rmask)
+    tl.store(q_ptr + rows64, Q, mask=rmask)
+    if ENTROPY:
+        tl.store(ent_ptr + rows64, log_s - W / S, mask=rmask)
+    if ARGMAX:
+        tl.store(amax_ptr + rows64, idx.to(tl.int64), mask=rmask)
+        tl.store(maxl_ptr + rows64, M, mask=rmask)
+
+
+# Gradient of stored logits, tile by tile; every element is read before the
+# same program writes it, so `out` may alias the logits.
+@triton.jit
+def logits_grad_kernel(z_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, out_ptr,
+                       n, V, stride_z, stride_o, inv_tau, cap,
+                       SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    mask = rmask[:, None] & (cols < V)[None, :]
+    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1)
+    value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
+    gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
+    gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
+    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    if SOFTCAP:
+        z = softcap_fn(z, cap)
+    dz = dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP)
+    tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :],
+             dz.to(out_ptr.dtype.element_ty), mask=mask)
