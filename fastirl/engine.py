@@ -173,6 +173,7 @@ class _SinglePass(torch.autograd.Function):
                                   None if st.entropy is None else st.entropy[:k],
                                   None if st.argmax is None else st.argmax[:k]))
             rewards.append(r.detach())
+            del state, dx_c       # free this chunk's logits block before the next one
         out = _collect(stats, x.device, acc_dtype(x.dtype))
         out["reward"] = _cat(rewards, torch.zeros(0, dtype=acc_dtype(x.dtype), device=x.device))
         job.extras.update(out)

@@ -26,7 +26,7 @@ from .base import LogitSpec, RowStats, acc_dtype
 
 # Bytes of float32 logits one chunk may hold.  Large enough for efficient GEMMs
 # (hundreds of rows at a 32k-128k vocabulary), small against the (N, V) logits.
-_BUDGET = {"cpu": 48 << 20, "cuda": 1 << 30}
+_BUDGET = {"cpu": 64 << 20, "cuda": 1 << 30}
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
