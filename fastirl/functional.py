@@ -173,7 +173,9 @@ def iq_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     vocab = None
     if process_group is not None:   # weight / bias are this rank's vocabulary shard
         from .distributed import vocab_parallel
-        backend, vocab = vocab_parallel(process_group, weight, backend)
+        backend, vocab = vocab_parallel(process_group, weight, backend, batch=dict(
+            hidden=hidden, targets=targets, position_ids=position_ids, done=done,
+            is_expert=is_expert, num_items_in_batch=num_items_in_batch))
     hidden2d, plan, flat = _linear_inputs(hidden, weight, bias, targets, opts, position_ids,
                                           done, is_expert, num_items_in_batch, vocab)
     loss, rows = engine.run_linear(hidden2d, weight, bias, plan, opts, backend=backend,
