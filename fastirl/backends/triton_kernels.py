@@ -41,7 +41,7 @@ import torch
 from .base import LogitSpec, RowStats
 
 try:
-    import triton
+    import triton  # noqa: F401  (fail here, with the reason, when Triton is missing)
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"triton is not installed ({exc})") from exc
 
@@ -49,7 +49,8 @@ from . import triton_linear as K
 from . import triton_logits as L
 from .torch_chunked import TorchChunkedBackend
 
-__all__ = ["TritonBackend", "TileConfig", "CONFIGS", "load", "INTERPRET"]
+__all__ = ["TritonBackend", "TileConfig", "CONFIGS", "pick_config", "config_key", "load",
+           "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -74,73 +75,103 @@ class TileConfig:
     num_stages: int = 3
 
 
-# kernel -> (dtype class, size class) -> config.  dtype class "16" (bf16/fp16),
-# "32" (float32), "interp" (interpreter: large tiles, few programs).
-CONFIGS: dict[str, dict[tuple[str, str], TileConfig]] = {
+# kernel -> key -> config.  Linear kernels: key (arch class, dtype class,
+# size class): arch "sm90" (compute capability 9.x / 10.x: wgmma, large shared
+# memory) or "sm80" (others: mma.sync, whose operand fragments live in
+# registers, so smaller tiles; see arch_class);
+# dtype "16" (bf16 / fp16) or "32" (float32, 3xTF32 or TF32 dots, which need
+# twice the operand registers); size "small" (n <= 64 rows), "large" or "any".
+# Every entry compiles without register spills (see triton_aot / notes).  The
+# linear kernels are only launched on 16-byte aligned pointers with H and the
+# row strides multiples of 16 (the backend pads / copies otherwise), so
+# Triton always vectorises their tile loads.  Logits kernels: key ("any",
+# vocabulary class).  "interp": the interpreter (large tiles, few programs).
+CONFIGS: dict[str, dict[tuple[str, ...], TileConfig]] = {
     "linear_fwd": {
-        ("16", "large"): TileConfig(128, 128, 64, 0, 8, 8, 3),
-        ("16", "small"): TileConfig(64, 128, 64, 0, 8, 4, 3),
-        ("32", "large"): TileConfig(128, 128, 32, 0, 8, 8, 3),
-        ("32", "small"): TileConfig(64, 128, 32, 0, 8, 4, 3),
-        ("interp", "any"): TileConfig(32, 128, 32, 0, 4, 4, 1),
+        ("sm90", "16", "large"): TileConfig(128, 128, 64, 0, 8, 8, 3),
+        ("sm90", "16", "small"): TileConfig(64, 128, 64, 0, 8, 4, 3),
+        ("sm90", "32", "any"): TileConfig(64, 128, 32, 0, 8, 8, 3),
+        ("sm80", "16", "any"): TileConfig(64, 128, 64, 0, 8, 8, 3),
+        ("sm80", "32", "any"): TileConfig(32, 128, 32, 0, 8, 8, 3),
+        ("interp",): TileConfig(32, 128, 32, 0, 4, 4, 1),
     },
     "linear_bwd_rows": {
-        ("16", "large"): TileConfig(128, 128, 64, 64, 8, 8, 3),
-        ("16", "small"): TileConfig(64, 128, 64, 64, 8, 4, 3),
-        ("32", "large"): TileConfig(128, 128, 32, 64, 8, 8, 3),
-        ("32", "small"): TileConfig(64, 128, 32, 64, 8, 4, 3),
-        ("interp", "any"): TileConfig(32, 128, 32, 32, 4, 4, 1),
+        ("sm90", "16", "large"): TileConfig(64, 128, 64, 64, 8, 8, 3),
+        ("sm90", "16", "small"): TileConfig(32, 128, 64, 64, 8, 8, 3),
+        ("sm90", "32", "any"): TileConfig(32, 64, 32, 16, 8, 8, 2),
+        ("sm80", "16", "any"): TileConfig(64, 128, 64, 32, 8, 8, 3),
+        ("sm80", "32", "any"): TileConfig(32, 64, 32, 16, 8, 8, 2),
+        ("interp",): TileConfig(32, 128, 32, 32, 4, 4, 1),
     },
     "linear_bwd_vocab": {
-        ("16", "large"): TileConfig(128, 128, 64, 64, 1, 8, 3),
-        ("16", "small"): TileConfig(64, 128, 64, 64, 1, 4, 3),
-        ("32", "large"): TileConfig(128, 128, 32, 64, 1, 8, 3),
-        ("32", "small"): TileConfig(64, 128, 32, 64, 1, 4, 3),
-        ("interp", "any"): TileConfig(32, 128, 32, 32, 1, 4, 1),
+        ("sm90", "16", "large"): TileConfig(64, 128, 64, 64, 1, 8, 3),
+        ("sm90", "16", "small"): TileConfig(32, 128, 64, 64, 1, 8, 3),
+        ("sm90", "32", "any"): TileConfig(32, 64, 32, 32, 1, 8, 2),
+        ("sm80", "16", "large"): TileConfig(64, 128, 64, 32, 1, 8, 3),
+        ("sm80", "16", "small"): TileConfig(32, 128, 64, 32, 1, 8, 3),
+        ("sm80", "32", "any"): TileConfig(32, 64, 32, 32, 1, 8, 2),
+        ("interp",): TileConfig(32, 128, 32, 32, 1, 4, 1),
     },
-    # Logits kernels: size class by vocabulary.
     "logits_stats": {
-        ("any", "v256"): TileConfig(16, 256, num_warps=4),
-        ("any", "v2048"): TileConfig(4, 1024, num_warps=4),
+        ("any", "v256"): TileConfig(16, 256, num_warps=8),
+        ("any", "v2048"): TileConfig(4, 1024, num_warps=8),
         ("any", "large"): TileConfig(1, 4096, num_warps=8),
-        ("interp", "any"): TileConfig(8, 64),
+        ("interp",): TileConfig(8, 64),
     },
     "logits_grad": {
-        ("any", "v256"): TileConfig(16, 256, num_warps=4),
-        ("any", "v2048"): TileConfig(4, 1024, num_warps=4),
+        ("any", "v256"): TileConfig(16, 256, num_warps=8),
+        ("any", "v2048"): TileConfig(4, 1024, num_warps=8),
         ("any", "large"): TileConfig(1, 4096, num_warps=8),
-        ("interp", "any"): TileConfig(8, 64),
+        ("interp",): TileConfig(8, 64),
     },
     "merge": {
-        ("any", "any"): TileConfig(256, num_warps=4),
-        ("interp", "any"): TileConfig(64),
+        ("any",): TileConfig(256, num_warps=4),
+        ("interp",): TileConfig(64),
     },
 }
 
+LINEAR_KERNELS = ("linear_fwd", "linear_bwd_rows", "linear_bwd_vocab")
+LOGITS_KERNELS = ("logits_stats", "logits_grad")
 
-def _dtype_class(dtype: torch.dtype) -> str:
-    return "32" if dtype == torch.float32 else "16"
+
+def arch_class(device: torch.device) -> str:
+    """Config family of a CUDA device: "sm90" for Hopper and datacenter Blackwell
+    (capability 9.x / 10.x: ~227 KiB shared memory per block), else "sm80"
+    (8.x, and consumer parts such as 8.9 / 12.x with ~99 KiB: the sm80 configs
+    use at most 60 KiB)."""
+    return "sm90" if _capability(device.index or 0)[0] in (9, 10) else "sm80"
 
 
-def pick_config(kernel: str, *, dtype: torch.dtype = torch.float32, n: int = 0, vocab: int = 0,
-                interpret: bool = INTERPRET) -> TileConfig:
-    """The tile configuration the backend launches for these sizes."""
-    table = CONFIGS[kernel]
+@lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def config_key(kernel: str, *, dtype: torch.dtype = torch.float32, n: int = 0, vocab: int = 0,
+               arch: str = "sm90", interpret: bool = INTERPRET) -> tuple[str, ...]:
+    """The key in CONFIGS[kernel] the backend launches for these sizes."""
     if interpret:
-        return table[("interp", "any")]
-    if kernel == "merge":
-        return table[("any", "any")]
-    if kernel in ("logits_stats", "logits_grad"):
-        size = "v256" if vocab <= 256 else "v2048" if vocab <= 2048 else "large"
-        return table[("any", size)]
-    return table[(_dtype_class(dtype), "small" if n <= 64 else "large")]
+        return ("interp",)
+    if kernel in LINEAR_KERNELS:
+        dc = "32" if dtype == torch.float32 else "16"
+        key = (arch, dc, "small" if n <= 64 else "large")
+        return key if key in CONFIGS[kernel] else (arch, dc, "any")
+    if kernel in LOGITS_KERNELS:
+        return ("any", "v256" if vocab <= 256 else "v2048" if vocab <= 2048 else "large")
+    return ("any",)
+
+
+def pick_config(kernel: str, **kw) -> TileConfig:
+    return CONFIGS[kernel][config_key(kernel, **kw)]
 
 
 def dot_precision(dtype: torch.dtype, interpret: bool = INTERPRET) -> str:
-    """Float32 GEMM precision: TF32 exactly when PyTorch would use it."""
-    if dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """Float32 GEMM precision: TF32 exactly when PyTorch would use it, else
+    3xTF32 (tensor cores, float32-level accuracy; an FMA "ieee" dot of these
+    tile sizes does not fit in registers)."""
+    if dtype != torch.float32 or interpret:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -169,13 +200,40 @@ def _splits(device: torch.device, row_blocks: int, vocab_blocks: int,
     return _cdiv(vocab_blocks, per), per
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
+# Pointer alignment / divisibility the kernels are compiled for (16 bytes,
+# multiples of 16 elements): what Triton specialises on to vectorise loads,
+# and what the ahead-of-time report (triton_aot) checks.
+_ALIGN = 16
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A (n, C) tensor with unit column stride (row stride is passed)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _aligned_ptr(t: torch.Tensor) -> bool:
+    return t.data_ptr() % _ALIGN == 0
+
+
+def _vec(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous, 16-byte aligned 1-D tensor of ``dtype`` (copy only if needed)."""
+    t = t.to(dtype).contiguous()
+    return t if _aligned_ptr(t) else t.clone()
+
+
+def _matrix(t: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (r, c) as a (r, width >= c) matrix of ``dtype`` with unit column
+    stride, row stride a multiple of 16 and a 16-byte aligned start; zero
+    padded (a copy) only when ``t`` is not already like that."""
+    r, c = t.shape
+    if (t.dtype == dtype and c == width and t.stride(1) == 1 and t.stride(0) % _ALIGN == 0
+            and _aligned_ptr(t)) or r == 0:
+        return t
+    out = torch.zeros((r, width), dtype=dtype, device=t.device)
+    out[:, :c] = t
+    return out
+
+
+def _logits_view(t: torch.Tensor) -> torch.Tensor:
+    """Stored logits / gradient buffer with unit column stride and an aligned start."""
+    if t.stride(-1) != 1 or not _aligned_ptr(t):
+        return t.contiguous() if not t.is_contiguous() else t.clone()
+    return t
 
 
 class TritonBackend:
@@ -209,14 +267,31 @@ class TritonBackend:
             return max(1, min(chunk_size, n))
         if dtype not in _FLOAT_DTYPES:
             return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, None)
-        # Memory per row: the float32 dx buffer (H) and a few partials.
-        return max(1, min(n, _CHUNK_BYTES // (4 * max(hidden, 1) + 64)))
+        # Bounded by the float32 dx buffer of one chunk; a multiple of 16 so
+        # that chunk starts stay 16-byte aligned.
+        rows = _CHUNK_BYTES // (4 * max(hidden, 1) + 64)
+        return max(1, min(n, rows - rows % 16 if rows >= 16 else rows))
 
-    def _native(self, *tensors: torch.Tensor) -> bool:
-        return all(t.dtype in _FLOAT_DTYPES for t in tensors)
+    def _native(self, *tensors: torch.Tensor | None) -> bool:
+        return all(t is None or t.dtype in _FLOAT_DTYPES for t in tensors)
 
-    def _cfg(self, kernel: str, **kw) -> TileConfig:
-        return pick_config(kernel, interpret=self.interpret, **kw)
+    def _cfg(self, kernel: str, device: torch.device | None = None, **kw) -> TileConfig:
+        arch = arch_class(device) if device is not None and device.type == "cuda" else "sm90"
+        return pick_config(kernel, interpret=self.interpret, arch=arch, **kw)
+
+    def _operands(self, x, weight, bias, targets):
+        """x, W padded to H16 = roundup(H, 16) columns where needed (zero
+        columns add nothing to z), all in x's dtype, all aligned."""
+        H16 = _cdiv(x.shape[1], _ALIGN) * _ALIGN
+        x = _matrix(x, H16, x.dtype)
+        weight = _matrix(weight, H16, x.dtype)
+        bias = None if bias is None else _vec(bias, x.dtype)
+        return x, weight, bias, _vec(targets, torch.int64), H16
+
+    @staticmethod
+    def _params(spec: LogitSpec) -> tuple[float, float]:
+        cap = float(spec.softcap) if spec.softcap is not None else 1.0
+        return 1.0 / float(spec.temperature), cap
 
     # -- statistics ---------------------------------------------------------
     def _alloc_partials(self, S: int, n: int, device, spec: LogitSpec):
@@ -224,6 +299,17 @@ class TritonBackend:
         pidx = torch.empty((S, n) if spec.argmax else (1,), dtype=torch.int32, device=device)
         pm, ps, pq = part[0], part[1], part[2]
         pw = part[3] if spec.entropy else pm
+        if S * n % 4:                       # keep every partial row 16-byte aligned
+            return self._alloc_partials_slow(S, n, device, spec)
+        return pm, ps, pw, pq, pidx
+
+    @staticmethod
+    def _alloc_partials_slow(S: int, n: int, device, spec: LogitSpec):
+        def f():
+            return torch.empty((S, n), dtype=torch.float32, device=device)
+        pm, ps, pq = f(), f(), f()
+        pw = f() if spec.entropy else pm
+        pidx = torch.empty((S, n) if spec.argmax else (1,), dtype=torch.int32, device=device)
         return pm, ps, pw, pq, pidx
 
     def _merge(self, partials, S: int, n: int, device, spec: LogitSpec) -> RowStats:
@@ -239,7 +325,7 @@ class TritonBackend:
             pm, ps, pw, pq, pidx, value, q, ent, amax if amax is not None else pidx,
             maxl if maxl is not None else value, n, S, tau, 1.0 / tau,
             ENTROPY=spec.entropy, ARGMAX=spec.argmax, BLOCK=cfg.block_m,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return RowStats(value, q, ent if spec.entropy else None, amax, maxl)
 
     @staticmethod
@@ -250,27 +336,20 @@ class TritonBackend:
                         f.clone() if spec.argmax else None)
 
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
-        tensors = (x, weight) if bias is None else (x, weight, bias)
-        if not self._native(*tensors):
+        if not self._native(x, weight, bias):
             return self._fallback.forward(x, weight, bias, targets, spec, keep=keep)
-        n, H = x.shape
-        V = weight.shape[0]
+        n, V = x.shape[0], weight.shape[0]
         if n == 0:
             return self._empty_stats(x.device, spec), None
-        x, weight = _rows(x), _rows(weight)
-        bias = None if bias is None else bias.to(x.dtype).contiguous()
-        weight = weight.to(x.dtype)
-        targets = targets.to(torch.int64).contiguous()
-        cfg = self._cfg("linear_fwd", dtype=x.dtype, n=n)
+        x, weight, bias, targets, H = self._operands(x, weight, bias, targets)
+        cfg = self._cfg("linear_fwd", x.device, dtype=x.dtype, n=n)
         row_blocks = _cdiv(n, cfg.block_m)
         S, per = _splits(x.device, row_blocks, _cdiv(V, cfg.block_n), self.fwd_splits)
         partials = self._alloc_partials(S, n, x.device, spec)
-        pm, ps, pw, pq, pidx = partials
-        tau = float(spec.temperature)
-        cap = float(spec.softcap) if spec.softcap is not None else 1.0
+        inv_tau, cap = self._params(spec)
         K.linear_fwd_kernel[(row_blocks * S,)](
-            x, weight, bias if bias is not None else weight, targets, pm, ps, pw, pq, pidx,
-            n, V, H, x.stride(0), weight.stride(0), per, S, 1.0 / tau, cap,
+            x, weight, bias if bias is not None else weight, targets, *partials,
+            n, V, H, x.stride(0), weight.stride(0), per, S, inv_tau, cap,
             HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None,
             ENTROPY=spec.entropy, ARGMAX=spec.argmax,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -282,41 +361,42 @@ class TritonBackend:
     # -- gradients ----------------------------------------------------------
     def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
                  spec: LogitSpec, state, *, need_x, dweight, dbias):
-        tensors = (x, weight) if bias is None else (x, weight, bias)
-        accs = [t for t in (dweight, dbias) if t is not None]
-        if not self._native(*tensors) or any(t.dtype != torch.float32 for t in accs):
+        if (not self._native(x, weight, bias)
+                or any(t is not None and t.dtype != torch.float32 for t in (dweight, dbias))):
             return self._fallback.backward(x, weight, bias, targets, value, grad_value,
                                            grad_target, spec, None, need_x=need_x,
                                            dweight=dweight, dbias=dbias)
-        n, H = x.shape
-        V = weight.shape[0]
         if dbias is not None and bias is None:
             raise ValueError("dbias given without bias")
+        n, H0 = x.shape
+        V = weight.shape[0]
         if n == 0:
-            return x.new_zeros((0, H)) if need_x else None
-        x, weight = _rows(x), _rows(weight)
-        bias = None if bias is None else bias.to(x.dtype).contiguous()
-        weight = weight.to(x.dtype)
-        targets = targets.to(torch.int64).contiguous()
-        value, gv, gt = _f32(value), _f32(grad_value), _f32(grad_target)
-        # Accumulators must have unit column stride; otherwise use a temporary.
+            return x.new_zeros((0, H0)) if need_x else None
+        x_dtype = x.dtype
+        x, weight, bias, targets, H = self._operands(x, weight, bias, targets)
+        value = _vec(value, torch.float32)
+        gv, gt = _vec(grad_value, torch.float32), _vec(grad_target, torch.float32)
+        # Float32 accumulators the kernels can add into directly, else temporaries.
         dw_buf = dweight
-        if dweight is not None and dweight.stride(1) != 1:
-            dw_buf = torch.zeros(dweight.shape, dtype=torch.float32, device=dweight.device)
+        if dweight is not None and (H != H0 or dweight.stride(1) != 1
+                                    or dweight.stride(0) % _ALIGN or not _aligned_ptr(dweight)):
+            dw_buf = torch.zeros((V, H), dtype=torch.float32, device=x.device)
         db_buf = dbias
-        if dbias is not None and not dbias.is_contiguous():
-            db_buf = torch.zeros(dbias.shape, dtype=torch.float32, device=dbias.device)
+        if dbias is not None and (not dbias.is_contiguous() or not _aligned_ptr(dbias)):
+            db_buf = torch.zeros(V, dtype=torch.float32, device=x.device)
 
-        tau = float(spec.temperature)
-        cap = float(spec.softcap) if spec.softcap is not None else 1.0
+        inv_tau, cap = self._params(spec)
         common = dict(HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None,
                       DOT_F32=self.interpret, DOT_PREC=dot_precision(x.dtype, self.interpret))
         b_arg = bias if bias is not None else weight
-        dx = None
+        # Fast mode adds dW (and db, when that pass runs anyway) with atomics in
+        # the rows pass; everything else goes to the deterministic passes.
         fast = not spec.deterministic
-        want_rows = need_x or (fast and (dw_buf is not None or db_buf is not None))
-        if want_rows:
-            cfg = self._cfg("linear_bwd_rows", dtype=x.dtype, n=n)
+        rows_pass = need_x or (fast and dw_buf is not None)
+        fast = fast and rows_pass
+        dx = None
+        if rows_pass:
+            cfg = self._cfg("linear_bwd_rows", x.device, dtype=x.dtype, n=n)
             row_blocks = _cdiv(n, cfg.block_m)
             vb = _cdiv(V, cfg.block_n)
             if fast:
@@ -334,7 +414,7 @@ class TritonBackend:
                 dx_buf if dx_buf is not None else gv,
                 dw_buf if dw_fast else gv, db_buf if db_fast else gv,
                 n, V, H, x.stride(0), weight.stride(0),
-                dw_buf.stride(0) if dw_fast else 0, per, S, 1.0 / tau, cap,
+                dw_buf.stride(0) if dw_fast else 0, per, S, inv_tau, cap,
                 DX=need_x, DX_ATOMIC=fast, FAST_DW=dw_fast, FAST_DB=db_fast,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 BLOCK_H=cfg.block_h, GROUP_M=cfg.group_m, **common,
@@ -342,23 +422,23 @@ class TritonBackend:
             if need_x:
                 if not fast:
                     dx_buf = dx_buf[0] if S == 1 else dx_buf.sum(dim=0)
-                dx = dx_buf.to(x.dtype)
+                dx = dx_buf[:, :H0].to(x_dtype)
         if not fast and (dw_buf is not None or db_buf is not None):
-            cfg = self._cfg("linear_bwd_vocab", dtype=x.dtype, n=n)
+            cfg = self._cfg("linear_bwd_vocab", x.device, dtype=x.dtype, n=n)
             K.linear_bwd_vocab_kernel[(_cdiv(V, cfg.block_n),)](
                 x, weight, b_arg, targets, value, gv, gt,
                 dw_buf if dw_buf is not None else gv, db_buf if db_buf is not None else gv,
                 n, V, H, x.stride(0), weight.stride(0),
-                dw_buf.stride(0) if dw_buf is not None else 0, 1.0 / tau, cap,
+                dw_buf.stride(0) if dw_buf is not None else 0, inv_tau, cap,
                 DW=dw_buf is not None, DB=db_buf is not None,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 BLOCK_H=cfg.block_h, **common,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if dw_buf is not None and dw_buf is not dweight:
-            dweight.add_(dw_buf)
+            dweight.add_(dw_buf[:, :H0])
         if db_buf is not None and db_buf is not dbias:
             dbias.add_(db_buf)
-        return dx if need_x else None
+        return dx
 
     # -- stored logits ------------------------------------------------------
     def logits_forward(self, logits, targets, spec: LogitSpec) -> RowStats:
@@ -367,19 +447,18 @@ class TritonBackend:
         n, V = logits.shape
         if n == 0:
             return self._empty_stats(logits.device, spec)
-        z = _rows(logits)
-        targets = targets.to(torch.int64).contiguous()
+        z = _logits_view(logits)
+        targets = _vec(targets, torch.int64)
         cfg = self._cfg("logits_stats", vocab=V)
         row_blocks = _cdiv(n, cfg.block_m)
         S, per = _splits(z.device, row_blocks, _cdiv(V, cfg.block_n), self.fwd_splits)
         partials = self._alloc_partials(S, n, z.device, spec)
-        pm, ps, pw, pq, pidx = partials
-        tau = float(spec.temperature)
-        cap = float(spec.softcap) if spec.softcap is not None else 1.0
+        inv_tau, cap = self._params(spec)
         L.logits_stats_kernel[(row_blocks, S)](
-            z, targets, pm, ps, pw, pq, pidx, n, V, z.stride(0), per, 1.0 / tau, cap,
+            z, targets, *partials, n, V, z.stride(0), per, inv_tau, cap,
             SOFTCAP=spec.softcap is not None, ENTROPY=spec.entropy, ARGMAX=spec.argmax,
-            BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n, num_warps=cfg.num_warps)
+            BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
         return self._merge(partials, S, n, z.device, spec)
 
     def logits_backward(self, logits, targets, value, grad_value, grad_target,
@@ -390,18 +469,17 @@ class TritonBackend:
         n, V = logits.shape
         if n == 0:
             return None
-        z = _rows(logits)
-        o = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype,
-                                                       device=out.device)
-        targets = targets.to(torch.int64).contiguous()
+        z = _logits_view(logits)            # a copy only if unaligned / strided
+        o = out if out.stride(-1) == 1 and _aligned_ptr(out) else torch.empty(
+            out.shape, dtype=out.dtype, device=out.device)
         cfg = self._cfg("logits_grad", vocab=V)
-        tau = float(spec.temperature)
-        cap = float(spec.softcap) if spec.softcap is not None else 1.0
+        inv_tau, cap = self._params(spec)
         L.logits_grad_kernel[(_cdiv(n, cfg.block_m), _cdiv(V, cfg.block_n))](
-            z, targets, _f32(value), _f32(grad_value), _f32(grad_target), o,
-            n, V, z.stride(0), o.stride(0), 1.0 / tau, cap,
+            z, _vec(targets, torch.int64), _vec(value, torch.float32),
+            _vec(grad_value, torch.float32), _vec(grad_target, torch.float32), o,
+            n, V, z.stride(0), o.stride(0), inv_tau, cap,
             SOFTCAP=spec.softcap is not None, BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n,
-            num_warps=cfg.num_warps)
+            INTERP=self.interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if o is not out:
             out.copy_(o)
         return None

@@ -12,8 +12,9 @@ Shared conventions: x (n, H) and W (V, H) row-major with unit column stride,
 row offsets in int64 (row * H and row * V exceed 2^31 at real sizes), GEMM
 tiles in the input dtype with float32 accumulation (``DOT_F32`` casts them to
 float32 first: used under the interpreter, where 16-bit ``tl.dot`` is wrong),
-``DOT_PREC`` the float32 dot precision ("ieee" or "tf32", following
-``torch.backends.cuda.matmul.allow_tf32``).
+``DOT_PREC`` the float32 dot precision (see triton_kernels.dot_precision).
+``DOT_F32`` also makes the rounding of dz to bfloat16 exact under the
+interpreter (see round_to).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_logits import dlogits, online_update, softcap_fn, store_partials, swizzle
+from .triton_logits import dlogits, online_update, round_to, softcap_fn, store_partials, swizzle
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -56,9 +57,36 @@ def logit_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols64, cmask, H, stride_x, s
     return acc
 
 
+# Target logit q = x . W[target] (+ b[target], capped) as a gathered row dot
+# product (exact products, float32 sum, like the GEMM), computed by the split
+# whose columns hold the target (the others contribute 0 to the merge).  Kept
+# out of the logits tile so that the tile feeds a single reduction chain.
+@triton.jit
+def target_logit(x_ptr, w_ptr, b_ptr, rows64, tgt, tin, H, stride_x, stride_w, cap,
+                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    ks = tl.arange(0, BLOCK_K)
+    t64 = tl.where(tin, tgt, 0).to(tl.int64)
+    xp = x_ptr + rows64[:, None] * stride_x + ks[None, :]
+    wp = w_ptr + t64[:, None] * stride_w + ks[None, :]
+    acc = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        mask = tin[:, None] & ((k0 + ks) < H)[None, :]
+        a = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(wp, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, 1)
+        xp += BLOCK_K
+        wp += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + t64, mask=tin, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        acc = softcap_fn(acc, cap)
+    return tl.where(tin, acc, 0.0)
+
+
 # Forward: per (row block, split) the logits tiles of the split's vocabulary
 # blocks, reduced on the fly by online_update (max, sum exp, sum e*t for the
-# entropy, target logit, argmax); O(rows x splits) partials leave the kernel.
+# entropy, argmax) plus the target logit; O(rows x splits) partials leave it.
 @triton.jit
 def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
                       n, V, H, stride_x, stride_w, vb_per_split, nsplit, inv_tau, cap,
@@ -70,23 +98,23 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_p
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1)
+    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
     m = tl.full((BLOCK_M,), NEG_INF, tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
     w = tl.zeros((BLOCK_M,), tl.float32)
-    q = tl.zeros((BLOCK_M,), tl.float32)
     idx = tl.zeros((BLOCK_M,), tl.int32)
     v_begin = pid_s * vb_per_split * BLOCK_N
     v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_N)
+    q = target_logit(x_ptr, w_ptr, b_ptr, rows64, tgt, rmask & (tgt >= v_begin) & (tgt < v_end),
+                     H, stride_x, stride_w, cap, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_K)
     for v0 in range(v_begin, v_end, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < V
         z = logit_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols.to(tl.int64), cmask, H,
                        stride_x, stride_w, cap, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K,
                        DOT_F32, DOT_PREC)
-        valid = rmask[:, None] & cmask[None, :]
-        m, s, w, q, idx = online_update(z, valid, cols, v0, tgt, m, s, w, q, idx, inv_tau,
-                                        ENTROPY, ARGMAX)
+        m, s, w, q, idx = online_update(z, cmask, cols, tgt, m, s, w, q, idx, inv_tau,
+                                        False, ENTROPY, ARGMAX)
     off = pid_s.to(tl.int64) * n + rows64
     store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx,
                    ENTROPY, ARGMAX)
@@ -105,7 +133,7 @@ def dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
                    DOT_F32, DOT_PREC)
     dz = dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP)
     dz = tl.where(rmask[:, None] & cmask[None, :], dz, 0.0)
-    dzc = dz.to(x_ptr.dtype.element_ty)
+    dzc = round_to(dz, x_ptr.dtype.element_ty, DOT_F32)
     if DOT_F32:
         dzc = dzc.to(tl.float32)
     return dz, dzc
@@ -136,7 +164,7 @@ def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_p
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1)
+    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
     value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
     gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
     gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
@@ -152,6 +180,8 @@ def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_p
         dz, dzc = dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
                           H, stride_x, stride_w, inv_tau, cap, HAS_BIAS, SOFTCAP,
                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PREC)
+        if FAST_DB:     # before the H loop: only the rounded dz stays live there
+            tl.atomic_add(db_ptr + cols64, tl.sum(dz, 0), mask=cmask, sem="relaxed")
         for h0 in range(0, H, BLOCK_H):
             hs = h0 + hs0
             hmask = hs < H
@@ -176,9 +206,8 @@ def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_p
                 dw_part = tl.dot(tl.trans(dzc), xt, input_precision=DOT_PREC)
                 tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + hs[None, :], dw_part,
                               mask=cmask[:, None] & hmask[None, :], sem="relaxed")
-        if FAST_DB:
-            tl.atomic_add(db_ptr + cols64, tl.sum(dz, 0), mask=cmask, sem="relaxed")
-        tl.debug_barrier()
+        if DX and not DX_ATOMIC:
+            tl.debug_barrier()
 
 
 # Deterministic dW / db: program = vocabulary block j, owning dW[j, :] and
@@ -205,13 +234,15 @@ def linear_bwd_vocab_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_
         rows = r0 + tl.arange(0, BLOCK_M)
         rmask = rows < n
         rows64 = rows.to(tl.int64)
-        tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1)
+        tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
         value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
         gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
         gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
         dz, dzc = dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
                           H, stride_x, stride_w, inv_tau, cap, HAS_BIAS, SOFTCAP,
                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PREC)
+        if DB:          # before the H loop: only the rounded dz stays live there
+            db_acc += tl.sum(dz, 0)
         if DW:
             dzt = tl.trans(dzc)
             for h0 in range(0, H, BLOCK_H):
@@ -226,9 +257,7 @@ def linear_bwd_vocab_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_
                 omask = cmask[:, None] & hmask[None, :]
                 prev = tl.load(ptrs, mask=omask, other=0.0)
                 tl.store(ptrs, prev + part, mask=omask)
-        if DB:
-            db_acc += tl.sum(dz, 0)
-        tl.debug_barrier()
+            tl.debug_barrier()
     if DB:
         prev_b = tl.load(db_ptr + cols64, mask=cmask, other=0.0)
         tl.store(db_ptr + cols64, prev_b + db_acc, mask=cmask)

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+INT_MAX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
@@ -29,6 +31,20 @@ def softcap_fn(z, cap):
     # c * tanh(z / c), with tanh(u) = 2 * sigmoid(2u) - 1 (no libdevice tanh;
     # absolute error ~ c * 2^-24, saturates correctly at +-inf).
     return cap * (2.0 * tl.sigmoid(z * (2.0 / cap)) - 1.0)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    # float32 -> dtype, round to nearest even (what the GPU does).  The
+    # interpreter truncates float32 -> bfloat16 instead, so under it
+    # (EMULATE) the rounding is done on the bits: add 0x7FFF plus the lowest
+    # kept bit, then drop the low 16 bits.
+    if EMULATE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -44,8 +60,8 @@ def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-# Online (streaming) statistics of one tile z (R, C) of capped logits, columns
-# `cols`, invalid entries marked by `valid` (their z is ignored):
+# Online (streaming) statistics of one tile z (R, C) of capped logits with
+# columns `cols` (only the columns where `cmask` holds count):
 #   m  = running max_v z                       (also the max logit)
 #   s  = sum_v e_v,           e_v = exp((z_v - m) / tau)
 #   w  = sum_v e_v * t_v,     t_v = (z_v - m) / tau         (entropy only)
@@ -54,26 +70,30 @@ def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 # since every old t_v becomes t_v + delta.  At the end
 #   V = m + tau * log s,   H = -sum p log p = log s - w / s.
 # Shifting by the max keeps w free of the cancellation that sum_v e_v z_v has.
-# argmax: first index of the tile max, kept only where the tile max is strictly
-# larger than the running max (first occurrence wins, like torch.max).
-# q: z at the target column (0 where no column matches, e.g. target -1).
+# Masked columns are set to -inf once; e is then 0 there, and t is clamped to
+# -FLT_MAX so that e * t is 0 rather than NaN.  Only the one (R, C) tile is
+# live; every other quantity is a fused row reduction of it.
+# argmax: the smallest column holding the tile max, kept only where the tile
+# max is strictly larger than the running max (first occurrence wins, like
+# torch.max).  q: z at the target column (0 where none matches, e.g. -1).
 @triton.jit
-def online_update(z, valid, cols, v0, tgt, m, s, w, q, idx, inv_tau,
-                  ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
-    zm = tl.where(valid, z, NEG_INF)
+def online_update(z, cmask, cols, tgt, m, s, w, q, idx, inv_tau,
+                  TARGET: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
+    zm = tl.where(cmask[None, :], z, NEG_INF)
     tile_max = tl.max(zm, 1)
     m_new = tl.maximum(m, tile_max)
     m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
     delta = tl.where(m == NEG_INF, 0.0, (m - m_safe) * inv_tau)
     alpha = tl.exp(delta)
     t = (zm - m_safe[:, None]) * inv_tau
-    e = tl.where(valid, tl.exp(t), 0.0)
+    e = tl.exp(t)
     if ENTROPY:
-        w = alpha * (w + s * delta) + tl.sum(e * tl.where(valid, t, 0.0), 1)
+        w = alpha * (w + s * delta) + tl.sum(e * tl.maximum(t, -FLT_MAX), 1)
     s = alpha * s + tl.sum(e, 1)
-    q += tl.sum(tl.where(valid & (cols[None, :] == tgt[:, None]), z, 0.0), 1)
+    if TARGET:
+        q += tl.sum(tl.where(cols[None, :] == tgt[:, None], zm, 0.0), 1)
     if ARGMAX:
-        tile_idx = tl.argmax(zm, 1, tie_break_left=True) + v0
+        tile_idx = tl.min(tl.where(zm == tile_max[:, None], cols[None, :], INT_MAX), 1)
         idx = tl.where(tile_max > m, tile_idx, idx)
     return m_new, s, w, q, idx
 
@@ -115,7 +135,7 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1)
+    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
     m = tl.full((BLOCK_R,), NEG_INF, tl.float32)
     s = tl.zeros((BLOCK_R,), tl.float32)
     w = tl.zeros((BLOCK_R,), tl.float32)
@@ -126,12 +146,13 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
     row_ptr = z_ptr + rows64[:, None] * stride_z
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        valid = rmask[:, None] & (cols < V)[None, :]
-        z = tl.load(row_ptr + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+        cmask = cols < V
+        z = tl.load(row_ptr + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
         if SOFTCAP:
             z = softcap_fn(z, cap)
-        m, s, w, q, idx = online_update(z, valid, cols, v0, tgt, m, s, w, q, idx, inv_tau,
-                                        ENTROPY, ARGMAX)
+        m, s, w, q, idx = online_update(z, cmask, cols, tgt, m, s, w, q, idx, inv_tau,
+                                        True, ENTROPY, ARGMAX)
     off = pid_s.to(tl.int64) * n + rows64
     store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx,
                    ENTROPY, ARGMAX)
@@ -194,13 +215,14 @@ def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
 @triton.jit
 def logits_grad_kernel(z_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, out_ptr,
                        n, V, stride_z, stride_o, inv_tau, cap,
-                       SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                       SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                       INTERP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
     mask = rmask[:, None] & (cols < V)[None, :]
-    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1)
+    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
     value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
     gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
     gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
@@ -210,4 +232,4 @@ def logits_grad_kernel(z_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, out_ptr,
         z = softcap_fn(z, cap)
     dz = dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP)
     tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :],
-             dz.to(out_ptr.dtype.element_ty), mask=mask)
+             round_to(dz, out_ptr.dtype.element_ty, INTERP), mask=mask)
