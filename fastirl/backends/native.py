@@ -1,0 +1,399 @@
+"""Native backends: C++ (``"cpu"``) and CUDA (``"cuda"``) epilogues around ATen GEMMs.
+
+Per chunk of rows the logits block comes from one GEMM (``torch.mm`` /
+``torch.addmm``: MKL / oneDNN on CPU, cuBLAS on CUDA); the extension's ops then
+make one pass over it:
+
+* ``torch.ops.fastirl.row_stats``: V, the target logit and optionally entropy,
+  argmax and max logit, with an online max / sum-exp per row (no extra block);
+* ``torch.ops.fastirl.row_grad_``: overwrites the block with
+  ``dz = (grad_value * p + grad_target * onehot) * softcap'``, so in single-pass
+  mode (``forward(keep=True)`` then ``backward(state)``) a chunk costs exactly
+  three GEMMs (logits, ``dx = dz @ W``, ``dW += dz.T @ x``) and two passes over
+  the block, and holds one block (never a second, capped copy: on the CPU
+  ``row_stats_capped_`` stores the capped logits in it, so the backward pass
+  needs no second tanh).
+
+The ops are registered with ``torch.library`` (namespace ``fastirl``) with fake
+implementations, so ``torch.compile`` can trace them.  The extension comes from
+``fastirl._C`` / ``fastirl._C_cuda`` when ``setup.py`` built them, else it is
+compiled on first use from ``csrc/`` of a source checkout with
+``torch.utils.cpp_extension.load`` (ninja) into a build directory per torch
+version: ``$FASTIRL_BUILD_DIR`` or ``~/.cache/fastirl/torch-<version>``.
+
+float64 inputs are delegated to the pure-PyTorch backend (float64 accumulation,
+for gradcheck); the kernels take float32 / bfloat16 / float16 blocks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import LogitSpec, RowStats
+from .torch_chunked import _BUDGET as _TORCH_BUDGET
+from .torch_chunked import TorchChunkedBackend
+
+__all__ = ["NativeCPUBackend", "NativeCUDABackend", "load_cpu", "load_cuda", "load_library",
+           "csrc_dir", "build_dir"]
+
+log = logging.getLogger("fastirl")
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CPU_SOURCES = ("iq_cpu.cpp",)
+_CUDA_SOURCES = ("iq_cuda.cu",)
+_HEADERS = ("iq_math.h", "iq_ops.h")
+# -fno-trapping-math lets GCC if-convert (vectorise) the selects of the AVX2 and
+# baseline clones; -ffp-contract=fast turns the a*b+c of iq_math.h into FMAs
+# where the clone's ISA has them (-std=c++20 would otherwise forbid it).
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno", "-fno-trapping-math",
+             "-ffp-contract=fast"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-lineinfo"]
+
+# Bytes of logits block one chunk holds: the torch backend's budget, so the peak
+# memory is never above it (one block here, not two with a soft cap).  On the
+# 2-core Xeon of notes/native.md, 192-524 rows at V = 32k were within noise of
+# each other; the three GEMMs dominate either way.
+_CPU_BUDGET = _TORCH_BUDGET["cpu"]
+_CUDA_BUDGET = _TORCH_BUDGET["cuda"]
+
+_lock = threading.Lock()
+_loaded: dict[str, str] = {}
+_failed: dict[str, str] = {}
+
+
+def csrc_dir() -> Path:
+    """The C++ / CUDA sources of a source checkout."""
+    return _CSRC
+
+
+def build_dir() -> Path:
+    """Where the JIT build goes: one directory per torch version (a lock file
+    left behind by another torch version's build never blocks this one)."""
+    root = os.environ.get("FASTIRL_BUILD_DIR")
+    if root:
+        base = Path(root)
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = Path(cache) / "fastirl"
+    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    tag = f"torch-{torch.__version__.replace('+', '-')}-{py}"
+    return base / tag
+
+
+def _cpp_extension():
+    # Importing it logs a warning when no CUDA runtime is found, which does not
+    # matter for the CPU extension.
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
+    return cpp_extension
+
+
+def _jit(name: str, sources: tuple[str, ...], cuda: bool) -> str:
+    cpp_extension = _cpp_extension()
+
+    missing = [s for s in sources + _HEADERS if not (_CSRC / s).is_file()]
+    if missing:
+        raise ImportError(f"fastirl native extension is not built and its sources are missing "
+                          f"({', '.join(missing)} under {_CSRC}); install from a source checkout "
+                          f"with a C++ compiler")
+    out = build_dir() / name
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("fastirl: compiling the %s extension into %s (first use only)", name, out)
+    kwargs: dict[str, Any] = dict(
+        name=name, sources=[str(_CSRC / s) for s in sources], build_directory=str(out),
+        extra_cflags=CXX_FLAGS, extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)],
+        is_python_module=False, verbose=os.environ.get("FASTIRL_VERBOSE_BUILD") == "1")
+    if cuda:
+        kwargs["extra_cuda_cflags"] = NVCC_FLAGS
+        kwargs["with_cuda"] = True
+    try:
+        cpp_extension.load(**kwargs)
+    except Exception as exc:  # compiler missing, build error: the reason, as an ImportError
+        raise ImportError(f"fastirl: could not build the native extension {name!r}: {exc}") from exc
+    return f"jit:{out}"
+
+
+def _load(kind: str) -> str:
+    """Loads the extension's ops (once); returns where they came from.  A failed
+    build is remembered, so that backend="auto" does not retry it on every call."""
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        if kind in _failed:
+            raise ImportError(_failed[kind])
+        try:
+            if kind == "cuda":
+                _load_unlocked("cpu")  # the schemas live in the CPU library
+            _load_unlocked(kind)
+        except ImportError as exc:
+            _failed[kind] = str(exc)
+            raise
+        return _loaded[kind]
+
+
+def _load_unlocked(kind: str) -> None:
+    if kind in _loaded:
+        return
+    module = "fastirl._C" if kind == "cpu" else "fastirl._C_cuda"
+    where = None
+    if os.environ.get("FASTIRL_FORCE_JIT") != "1":
+        try:
+            importlib.import_module(module)
+            where = module
+        except ImportError:
+            where = None
+    if where is None:
+        if kind == "cpu":
+            where = _jit("fastirl_cpu", _CPU_SOURCES, cuda=False)
+        else:
+            where = _jit("fastirl_cuda", _CUDA_SOURCES, cuda=True)
+    if kind == "cpu":
+        _register_fakes()
+    _loaded[kind] = where
+
+
+def load_library(kind: str = "cpu") -> str:
+    """Loads (building if needed) the ops of ``kind`` ("cpu" or "cuda")."""
+    return _load(kind)
+
+
+def _register_fakes() -> None:
+    """Shapes of the ops' outputs for FakeTensor / torch.compile tracing."""
+
+    def stats(logits, targets, temperature, softcap, entropy, argmax):
+        n = logits.shape[0]
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        return (logits.new_empty((n,), **f32), logits.new_empty((n,), **f32),
+                logits.new_empty((n if entropy else 0,), **f32),
+                logits.new_empty((n if argmax else 0,), dtype=torch.int64, device=logits.device),
+                logits.new_empty((n if argmax else 0,), **f32))
+
+    torch.library.register_fake("fastirl::row_stats")(stats)
+    torch.library.register_fake("fastirl::row_stats_capped_")(stats)
+
+    @torch.library.register_fake("fastirl::row_grad_")
+    def _row_grad_(logits, targets, value, grad_value, grad_target, temperature, softcap,
+                   capped=False):
+        return None
+
+    @torch.library.register_fake("fastirl::row_grad")
+    def _row_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, out):
+        return None
+
+
+# ------------------------------------------------------------------ backends
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _stats(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec,
+           cap_in_place: bool = False) -> RowStats:
+    """Statistics of the raw logits block z; with cap_in_place (and a soft cap)
+    z is left holding the capped logits."""
+    if cap_in_place and spec.softcap is not None:
+        out = torch.ops.fastirl.row_stats_capped_(z, targets, float(spec.temperature),
+                                                  float(spec.softcap), spec.entropy, spec.argmax)
+    else:
+        out = torch.ops.fastirl.row_stats(z, targets, float(spec.temperature), spec.softcap,
+                                          spec.entropy, spec.argmax)
+    value, q, ent, amax, maxl = out
+    return RowStats(value, q, ent if spec.entropy else None, amax if spec.argmax else None,
+                    maxl if spec.argmax else None)
+
+
+class _NativeBackend:
+    """The C++ / CUDA epilogues; GEMMs are ATen's.  float64 goes to the torch backend."""
+
+    name = "native"
+    _device_type = "cpu"
+    _budget = _CPU_BUDGET
+    # forward(keep=True) stores the capped logits in the block (saves the tanh
+    # of the backward pass; the kernel for it exists on the CPU only).
+    _cap_in_place = False
+
+    def __init__(self) -> None:
+        self._fallback = TorchChunkedBackend()
+
+    @staticmethod
+    def _native(dtype: torch.dtype) -> bool:
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == self._device_type
+
+    def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
+                       chunk_size: int | None) -> int:
+        if chunk_size is not None:
+            return max(1, min(chunk_size, n))
+        if not self._native(dtype):
+            return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, chunk_size)
+        return max(1, min(n, self._budget // (self._block_bytes(dtype) * max(vocab, 1))))
+
+    def _block_bytes(self, dtype: torch.dtype) -> int:
+        return 4  # float32 logits block (overridden on CPU for bf16 / fp16)
+
+    # The logits block of a chunk, in the dtype the epilogues read.
+    def _logits(self, x, weight, bias) -> torch.Tensor:
+        z = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        return _f32(z)
+
+    def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
+        if not self._native(x.dtype):
+            return self._fallback.forward(x, weight, bias, targets, spec, keep=keep)
+        z = self._logits(x, weight, bias)
+        # (float32 blocks only: capped logits rounded to 16 bits would shift p)
+        capped = (keep and self._cap_in_place and spec.softcap is not None
+                  and z.dtype == torch.float32)
+        return _stats(z, targets, spec, cap_in_place=capped), ((z, capped) if keep else None)
+
+    def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
+                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias):
+        if not self._native(x.dtype):
+            return self._fallback.backward(x, weight, bias, targets, value, grad_value,
+                                           grad_target, spec, state, need_x=need_x,
+                                           dweight=dweight, dbias=dbias)
+        z, capped = (self._logits(x, weight, bias), False) if state is None else state
+        torch.ops.fastirl.row_grad_(z, targets, _f32(value), _f32(grad_value), _f32(grad_target),
+                                    float(spec.temperature), spec.softcap, capped)
+        return self._grad_gemms(z, x, weight, need_x, dweight, dbias)
+
+    def _grad_gemms(self, dz, x, weight, need_x, dweight, dbias):
+        if dbias is not None:
+            dbias.add_(dz.sum(dim=0, dtype=dbias.dtype))
+        if dweight is not None:
+            dweight.addmm_(dz.t(), x.to(dweight.dtype))
+        if not need_x:
+            return None
+        return torch.mm(dz.to(weight.dtype), weight)
+
+    def logits_forward(self, logits, targets, spec: LogitSpec) -> RowStats:
+        if not self._native(logits.dtype):
+            return self._fallback.logits_forward(logits, targets, spec)
+        if logits.dim() == 2 and logits.shape[1] > 0 and logits.stride(1) != 1:
+            logits = logits.contiguous()
+        return _stats(logits, targets, spec)
+
+    def logits_backward(self, logits, targets, value, grad_value, grad_target,
+                        spec: LogitSpec, out: torch.Tensor) -> None:
+        if not (self._native(logits.dtype) and self._native(out.dtype)):
+            return self._fallback.logits_backward(logits, targets, value, grad_value,
+                                                  grad_target, spec, out)
+        args = (targets, _f32(value), _f32(grad_value), _f32(grad_target),
+                float(spec.temperature), spec.softcap)
+        if out.data_ptr() == logits.data_ptr() and out.dtype == logits.dtype \
+                and out.stride() == logits.stride():
+            torch.ops.fastirl.row_grad_(out, *args)
+            return None
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
+        if out.stride(1) != 1:
+            tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            torch.ops.fastirl.row_grad(logits, *args, tmp)
+            out.copy_(tmp)
+            return None
+        torch.ops.fastirl.row_grad(logits, *args, out)
+        return None
+
+
+class NativeCPUBackend(_NativeBackend):
+    """C++ epilogues (OpenMP over rows, vectorised along the vocabulary).
+
+    bfloat16 / float16 inputs: the GEMMs run in that dtype (oneDNN / AMX where
+    the CPU has it, several times faster than float32 GEMMs) and the logits
+    block stays in it, read by the epilogues in float32 arithmetic; dz is written
+    back in the input dtype, dx = dz @ W runs in it, and dW += dz.T @ x is a
+    low-precision GEMM per vocabulary slab added into the float32 accumulator.
+    That is the precision of the naive bf16 computation (tests check it against
+    it); preset="highest" upcasts instead.
+    """
+
+    name = "cpu"
+    _device_type = "cpu"
+    _budget = _CPU_BUDGET
+    _cap_in_place = True
+
+    def _block_bytes(self, dtype: torch.dtype) -> int:
+        return 4 if dtype == torch.float32 else 2
+
+    def _logits(self, x, weight, bias) -> torch.Tensor:
+        # float32 block for float32 inputs, the input dtype otherwise
+        return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+
+    def _grad_gemms(self, dz, x, weight, need_x, dweight, dbias):
+        if dz.dtype == torch.float32:
+            return super()._grad_gemms(dz, x, weight, need_x, dweight, dbias)
+        if dbias is not None:
+            dbias.add_(dz.sum(dim=0, dtype=dbias.dtype))
+        if dweight is not None:
+            _addmm_lowp(dweight, dz, x)
+        return torch.mm(dz, weight) if need_x else None
+
+
+# Rows of dW computed per low-precision GEMM: the temporary is at most this many
+# bytes (a slab of the vocabulary), never a (V, H) copy.
+_DW_SLAB_BYTES = 8 << 20
+
+
+def _addmm_lowp(dweight: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
+    """dweight (V, H) float32 += dz.T @ x with dz (n, V), x (n, H) in bf16 / fp16."""
+    V, H = dweight.shape
+    rows = max(1, min(V, _DW_SLAB_BYTES // (max(H, 1) * x.element_size())))
+    tmp = torch.empty((rows, H), dtype=x.dtype, device=x.device)
+    for v0 in range(0, V, rows):
+        v1 = min(V, v0 + rows)
+        part = torch.mm(dz[:, v0:v1].t(), x, out=tmp[: v1 - v0])
+        dweight[v0:v1].add_(part)
+
+
+class NativeCUDABackend(_NativeBackend):
+    """CUDA epilogue kernels around cuBLAS GEMMs; float32 logits blocks."""
+
+    name = "cuda"
+    _device_type = "cuda"
+    _budget = _CUDA_BUDGET
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def load_cpu() -> NativeCPUBackend:
+    """The "cpu" backend; ImportError (with the reason) when the extension can
+    neither be imported nor built."""
+    where = _load("cpu")
+    _notice("cpu", where)
+    return NativeCPUBackend()
+
+
+def load_cuda() -> NativeCUDABackend:
+    """The "cuda" backend; RuntimeError without a CUDA device, ImportError when
+    the extension can neither be imported nor built."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is available")
+    if torch.version.cuda is None:
+        raise RuntimeError("this torch build has no CUDA support")
+    where = _load("cuda")
+    _notice("cuda", where)
+    return NativeCUDABackend()
+
+
+_noticed: set[str] = set()
+
+
+def _notice(kind: str, where: str) -> None:
+    if kind not in _noticed:
+        _noticed.add(kind)
+        log.info("fastirl: native %s backend from %s", kind, where)
