@@ -2,7 +2,7 @@
 
     python benchmarks/make_table.py                       # every benchmarks/results/*.csv
     python benchmarks/make_table.py benchmarks/results/issue2-cpu.csv
-    python benchmarks/make_table.py --write notes/table.md
+    python benchmarks/make_table.py --write docs/table.md
 
 For each CSV: the main-shape table (variant, mode, forward, forward+backward
 as median ±half-range, peak extra memory, ratios to the naive IQ loss and to

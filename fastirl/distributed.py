@@ -118,7 +118,7 @@ for every objective option, uneven shards, errors instead of hangs; FSDP2
 (``fully_shard``) training steps with both ways above (and a head in the root
 unit) against an unsharded model; DDP with :func:`global_num_items`; DeepSpeed
 ZeRO-3 with :class:`FusedLMHeadLoss` (an optional slow test, needs deepspeed).
-Not verified: NCCL / GPUs (see ``notes/distributed.md``).
+Not verified: NCCL / GPUs (see ``docs/distributed.md``).
 """
 
 from __future__ import annotations

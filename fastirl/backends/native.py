@@ -59,7 +59,7 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-linei
 
 # Bytes of logits block one chunk holds: the torch backend's budget, so the peak
 # memory is never above it (one block here, not two with a soft cap).  On the
-# 2-core Xeon of notes/native.md, 192-524 rows at V = 32k were within noise of
+# 2-core Xeon of docs/native.md, 192-524 rows at V = 32k were within noise of
 # each other; the three GEMMs dominate either way.
 _CPU_BUDGET = _TORCH_BUDGET["cpu"]
 _CUDA_BUDGET = _TORCH_BUDGET["cuda"]
