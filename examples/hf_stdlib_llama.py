@@ -41,6 +41,8 @@ import time
 
 import torch
 
+from fastirl.bench.memory import status_kib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = [  # name, kind, loss options
     ("MLE / HF logits", "hf", dict(td_weight=0.0)),
@@ -167,17 +169,6 @@ def sample(model, prompts: torch.Tensor, new_tokens: int, eos: int, seed: int) -
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def reset_peak_memory() -> int:
     """Resets the peak (CUDA max allocated, or the process's VmHWM); returns the
     current usage in bytes."""
@@ -190,13 +181,13 @@ def reset_peak_memory() -> int:
             f.write("5")                      # Linux: reset the peak resident set size
     except OSError:
         pass
-    return (_status_kb("VmRSS") or 0) * 1024
+    return (status_kib("VmRSS") or 0) * 1024
 
 
 def peak_memory() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    kb = _status_kb("VmHWM")
+    kb = status_kib("VmHWM")
     return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -43,7 +43,8 @@ _PROC_STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB, or None where there is none."""
     try:
         with open(_PROC_STATUS) as f:
             for line in f:
@@ -55,7 +56,7 @@ def _status_kib(field: str) -> int | None:
 
 
 def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     if kib is not None:
         return kib * 1024
     import psutil
@@ -68,7 +69,7 @@ def _reset_hwm() -> bool:
             f.write("5")
     except OSError:
         return False
-    return _status_kib("VmHWM") is not None
+    return status_kib("VmHWM") is not None
 
 
 _LIBC = None
@@ -183,7 +184,7 @@ class PeakMeter:
                     torch.cuda.synchronize(meter.device)
                     top = torch.cuda.max_memory_allocated(meter.device)
                 elif self.sampler is None:
-                    top = (_status_kib("VmHWM") or 0) * 1024
+                    top = (status_kib("VmHWM") or 0) * 1024
                 else:
                     self.sampler.__exit__(*exc)
                     top = self.sampler.peak
