@@ -177,14 +177,16 @@ class _SinglePass(torch.autograd.Function):
         out = _collect(stats, x.device, acc_dtype(x.dtype))
         out["reward"] = _cat(rewards, torch.zeros(0, dtype=acc_dtype(x.dtype), device=x.device))
         job.extras.update(out)
-        ctx.grads = (dx, *_finish(dw, weight, db, bias))
+        # Saved like any tensor autograd keeps: freed by the first backward unless
+        # it passes retain_graph=True (then a second backward works; without it,
+        # autograd's own "backward through the graph a second time" error).
+        ctx.save_for_backward(dx, *_finish(dw, weight, db, bias))
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grads = ctx.grads
-        del ctx.grads
+        grads = ctx.saved_tensors
         if not torch.equal(grad_out, torch.ones_like(grad_out)):
             grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
         return (None, *grads)
