@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fastirl
 from fastirl import engine
 from fastirl import reference as ref
-from _problems import grads, make_batch
+from _problems import grads, make_batch, use_op_path
 
 VARIANTS = {
     "default": {},
@@ -261,12 +261,6 @@ def _loss_fn(entry, reduction, backend):
     return (lambda: reduce(fastirl.iq_loss_from_logits(logits, p["targets"], backend=backend,
                                                        **kw)),
             lambda: reduce(ref.iq_loss_from_logits(logits, p["targets"], **kw)), [logits])
-
-
-def use_op_path(monkeypatch):
-    """Route eager calls through the torch.library op of the traced path."""
-    from fastirl import functional
-    monkeypatch.setattr(functional, "_traced", lambda backend, *t: isinstance(backend, str))
 
 
 @pytest.fixture(params=["eager", "op"])
