@@ -192,3 +192,38 @@ def test_compiled_training_step_inductor():
         results.append((torch.stack(losses), head.weight.detach().clone(), m["accuracy"]))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_patched_hf_forward_with_labels():
+    """apply_fastirl's forward with labels (packed rows, metrics) under fullgraph=True."""
+    transformers = pytest.importorskip("transformers")
+    from fastirl.integrations import apply_fastirl
+
+    torch.manual_seed(0)
+    V = 53
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    model = apply_fastirl(transformers.LlamaForCausalLM(config).eval(), backend="torch",
+                          td_weight=0.3, gamma=0.9)
+    ids = torch.randint(3, V, (2, 10), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    pos = torch.arange(10).repeat(2, 1)
+    pos[0, 6:] = torch.arange(4)                     # two packed sequences in row 0
+
+    def forward(ids, labels, pos):
+        out = model(input_ids=ids, labels=labels, position_ids=pos, return_metrics=True)
+        return out.loss, out.iq_metrics
+
+    params = [model.lm_head.weight, model.model.embed_tokens.weight]
+    want, want_m = forward(ids, labels, pos)
+    want_g = grads(want, params)
+    compiled, counter = _compiled(forward)
+    got, got_m = compiled(ids, labels, pos)
+    torch.testing.assert_close(got, want)
+    for k in METRICS:
+        torch.testing.assert_close(got_m[k], want_m[k])
+    for a, e in zip(grads(got, params), want_g):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+    assert counter.frame_count == 1
