@@ -119,8 +119,8 @@ def dtype_arg(text: str) -> str:
     name = DTYPE_NAMES.get(str(text).strip().lower().removeprefix("torch."))
     if name is None:
         raise argparse.ArgumentTypeError(
-            f"invalid dtype {text!r}: choose from {', '.join(CLI_DTYPES)} "
-            f"(or bf16, fp16, fp32)")
+            f"invalid choice: {text!r} (choose from {', '.join(CLI_DTYPES)}; "
+            f"or bf16, fp16, fp32)")
     return name
 
 

@@ -64,10 +64,15 @@ class _Job:
             yield s, e, e + 1 if lookahead and e < n and bool(cont[e - 1]) else e
 
     def rows(self, t: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        """Rows [s, e) of the active list taken from a (B*T, ...) tensor."""
-        if self.plan.index is None:
-            return t[s:e]
-        return t.index_select(0, self.plan.index[s:e])
+        """Rows [s, e) of the active list taken from a (B*T, ...) tensor.  Rows that
+        share memory (an expanded tensor: stride(0) < row length) are copied, so
+        that a backend always gets distinct rows."""
+        if self.plan.index is not None:
+            return t.index_select(0, self.plan.index[s:e])
+        rows = t[s:e]
+        if rows.dim() == 2 and rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
+            rows = rows.contiguous()
+        return rows
 
     def put(self, out: torch.Tensor, s: int, e: int, rows: torch.Tensor) -> None:
         if self.plan.index is None:
