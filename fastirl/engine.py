@@ -64,14 +64,16 @@ class _Job:
             yield s, e, e + 1 if lookahead and e < n and bool(cont[e - 1]) else e
 
     def rows(self, t: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        """Rows [s, e) of the active list taken from a (B*T, ...) tensor.  Rows that
-        share memory (an expanded tensor: stride(0) < row length) are copied, so
-        that a backend always gets distinct rows."""
+        """Rows [s, e) of the active list taken from a (B*T, ...) tensor, as a block
+        whose rows are unit-stride and distinct: a strided view (stride(1) != 1,
+        even where size-1 dimensions make it "contiguous") or an expanded one
+        (rows sharing memory) is copied, one chunk at a time."""
         if self.plan.index is not None:
             return t.index_select(0, self.plan.index[s:e])
         rows = t[s:e]
-        if rows.dim() == 2 and rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
-            rows = rows.contiguous()
+        if rows.dim() == 2 and rows.shape[1] > 0 and (
+                rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1])):
+            rows = rows.new_empty(rows.shape).copy_(rows)
         return rows
 
     def put(self, out: torch.Tensor, s: int, e: int, rows: torch.Tensor) -> None:

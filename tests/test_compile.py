@@ -227,3 +227,26 @@ def test_compiled_patched_hf_forward_with_labels():
     for a, e in zip(grads(got, params), want_g):
         torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
     assert counter.frame_count == 1
+
+
+def test_compiled_modules_match_eager():
+    p = make_batch(2, 6, 5, 13, dtype=torch.float32, bias=True)
+    gamma = torch.tensor(0.9)
+    linear = fastirl.LinearIQLoss(gamma=gamma, td_weight=0.4, reduction="sum")
+    from_logits = fastirl.IQLoss(temperature=0.7)
+
+    def f(h, w, b, t):
+        return linear(h, w, t, bias=b) + from_logits(F.linear(h, w, b), t)
+
+    compiled, counter = _compiled(f)
+    args = (p["hidden"], p["weight"], p["bias"], p["targets"])
+    for g in (0.9, 0.3):
+        gamma.fill_(g)                  # a schedule stepping the module's tensor
+        got = compiled(*args)
+        want = (ref.iq_loss(*args[:2], p["targets"], bias=p["bias"], gamma=g, td_weight=0.4,
+                            reduction="sum")
+                + ref.iq_loss_from_logits(F.linear(*args[:3]), p["targets"], temperature=0.7))
+        torch.testing.assert_close(got, want)
+        for a, e in zip(grads(got, _leaves(p)), grads(want, _leaves(p))):
+            torch.testing.assert_close(a, e)
+    assert counter.frame_count == 1
