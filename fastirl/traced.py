@@ -81,7 +81,8 @@ def _run(entry, main, weight, bias, targets, position_ids, done, is_expert, num_
             preset=kw["preset"], chunk_size=kw["chunk_size"],
             want_metrics=kw["return_metrics"])
         wanted = [t for t, g in zip(leaves, grads) if g]
-        got = iter(torch.autograd.grad(loss, wanted, upstream) if wanted else ())
+        got = iter(torch.autograd.grad(loss, wanted, upstream, materialize_grads=True)
+                   if wanted else ())
         out_grads = [next(got) if g else None for g in grads]
     rewards = F.rewards(rows, plan, flat) if entry == "rewards" else None
     metrics = None
@@ -93,6 +94,15 @@ def _run(entry, main, weight, bias, targets, position_ids, done, is_expert, num_
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def _grad_like(t: Tensor, g: Tensor) -> Tensor:
+    """The gradient of ``t`` with the strides of ``torch.empty_like(t)``, which the
+    fake implementation promises (compiled code relies on them)."""
+    out = torch.empty_like(t)
+    if g.stride() == out.stride():
+        return g
+    return out.copy_(g)
 
 
 def _outputs(main, targets, kw, grads, weight, bias, loss=None, rewards=None, metrics=None,
@@ -115,7 +125,8 @@ def _outputs(main, targets, kw, grads, weight, bias, loss=None, rewards=None, me
         metrics = main.new_empty((len(METRICS),), dtype=acc)
     gs = []
     for t, g, got in zip((main, weight, bias), grads, d):
-        gs.append(_empty(main) if not g else (torch.empty_like(t) if got is None else got))
+        gs.append(_empty(main) if not g else
+                  (torch.empty_like(t) if got is None else _grad_like(t, got)))
     return (loss.contiguous(), rewards.contiguous(), metrics, *gs)
 
 
@@ -158,7 +169,8 @@ def _fused_backward(grad: Tensor, main: Tensor, weight: Tensor | None, bias: Ten
               backend=backend, preset=preset, chunk_size=chunk_size, return_metrics=False)
     *_, d = _run(entry, main, weight, bias, targets, position_ids, done, is_expert, num_items,
                  scalars, kw, grads, upstream=grad)
-    return tuple(_empty(main) if g is None else g for g in d)
+    return tuple(_empty(main) if g is None else _grad_like(t, g)
+                 for t, g in zip((main, weight, bias), d))
 
 
 @_fused_backward.register_fake

@@ -42,6 +42,11 @@ def _settings(ci_examples: int):
 
 BACKENDS = fastirl.available_backends("cpu")
 FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]   # Triton runs interpreted: slow
+# (device, backend) pairs of the main tests: the CPU's, and every CUDA backend
+# where a CUDA device is present.
+TARGETS = [("cpu", b) for b in FAST_BACKENDS]
+if torch.cuda.is_available():
+    TARGETS += [("cuda", b) for b in fastirl.available_backends("cuda")]
 ENTRIES = ("iq_loss", "iq_loss_from_logits", "implicit_rewards", "LinearIQLoss", "IQLoss")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # Tolerance relative to the largest reference value (low precision: the GEMMs and
@@ -55,12 +60,13 @@ METRICS = ("nll", "td_penalty", "reward", "value", "entropy", "accuracy")
 
 
 @st.composite
-def cases(draw, backends=tuple(FAST_BACKENDS), tiny=False):
+def cases(draw, targets=tuple(TARGETS), tiny=False):
     """A call as plain values; tensors are built from them by :func:`build`."""
     entry = draw(st.sampled_from(ENTRIES))
     top = 2 if tiny else 3
+    device, backend = draw(st.sampled_from(targets))
     case = dict(
-        entry=entry, backend=draw(st.sampled_from(backends)),
+        entry=entry, device=device, backend=backend,
         path=draw(st.sampled_from(("eager", "op"))),
         B=draw(st.integers(0, top)), T=draw(st.integers(0, 3 if tiny else 7)),
         H=draw(st.integers(1, 6 if tiny else 11)), V=draw(st.integers(1, 9 if tiny else 17)),
@@ -102,11 +108,11 @@ def _layout(base: torch.Tensor, kind: str, grad: bool):
     a differentiable function of ``leaf`` (gradients are compared on the leaf)."""
     shape = tuple(base.shape)
     if kind == "strided" and base.dim() >= 1:
-        leaf = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=base.dtype)
+        leaf = base.new_zeros(*shape[:-1], 2 * shape[-1])
         leaf[..., ::2] = base
         fn = lambda x: x[..., ::2]  # noqa: E731
     elif kind == "offset":
-        leaf = torch.cat([torch.zeros(3, dtype=base.dtype), base.reshape(-1)])
+        leaf = torch.cat([base.new_zeros(3), base.reshape(-1)])
         fn = lambda x: x[3:].view(shape)  # noqa: E731
     elif kind == "expanded" and base.dim() >= 1 and shape[0] > 0:
         leaf = base[:1].clone()
@@ -149,7 +155,7 @@ def build(case):
     fast, refs, leaves = {}, {}, {"fast": [], "ref": []}
 
     def add(name, value, kind, differentiable):
-        low = value.to(dt) if value.is_floating_point() else value
+        low = (value.to(dt) if value.is_floating_point() else value).to(case["device"])
         leaf, fn = _layout(low, kind, differentiable and grad)
         fast[name] = fn(leaf)
         if value.is_floating_point():
@@ -172,7 +178,7 @@ def build(case):
         add("position_ids", pos, lay["position_ids"], False)
     for name, t in (("done", done), ("is_expert", is_expert)):
         if t is not None:
-            fast[name] = refs[name] = t
+            fast[name] = refs[name] = t.to(case["device"])
     return fast, refs, leaves
 
 
@@ -272,6 +278,7 @@ def check_valid(case):
         up = torch.randn(want.shape, generator=torch.Generator().manual_seed(case["seed"] + 1),
                          dtype=torch.float64) if want.dim() else torch.tensor(case["upstream"],
                                                                               dtype=torch.float64)
+        up = up.to(want.device)
         got_g = torch.autograd.grad(loss, leaves["fast"], up.to(loss.dtype), allow_unused=True)
         want_g = torch.autograd.grad(want, leaves["ref"], up, allow_unused=True)
         for i, (a, b) in enumerate(zip(got_g, want_g)):
@@ -320,7 +327,7 @@ def _bad_target(case, t):
 
 def _bad_position(case, t):
     lead = t["targets"].shape
-    pos = torch.zeros(lead, dtype=torch.long)
+    pos = torch.zeros(lead, dtype=torch.long, device=t["targets"].device)
     pos.view(-1)[-1] = -1
     return pos
 
@@ -439,7 +446,7 @@ def test_fuzz_invalid_calls_name_the_argument(case, which, monkeypatch):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not load here")
 @_settings(25)
-@given(case=cases(backends=("triton",), tiny=True))
+@given(case=cases(targets=(("cpu", "triton"),), tiny=True))
 def test_fuzz_triton_interpreter(case, monkeypatch):
     with monkeypatch.context() as m:
         if case["path"] == "op":
@@ -451,7 +458,7 @@ def test_fuzz_triton_interpreter(case, monkeypatch):
 
 # Each case the harness found, fixed, kept as a regression test on every backend
 # and both paths.  The case dicts are the shrunk examples hypothesis printed.
-_BASE = dict(entry="iq_loss", backend="torch", path="eager", B=1, T=1, H=1, V=1, flat=False,
+_BASE = dict(entry="iq_loss", device="cpu", backend="torch", path="eager", B=1, T=1, H=1, V=1, flat=False,
              dtype=torch.float32, seed=0, ignore_frac=0.0, ignore_index=-100,
              layout=dict.fromkeys(("main", "weight", "bias", "targets", "position_ids"),
                                   "contiguous"),
