@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
 from torch._subclasses.fake_tensor import is_fake
 
 from . import _validate as check
@@ -188,6 +187,22 @@ def rewards(rows, plan, flat) -> torch.Tensor:
     return r.squeeze(0) if flat else r
 
 
+def _loss(entry, traced, main, weight, bias, targets, position_ids, done, is_expert,
+          num_items_in_batch, opts, *, backend, preset, chunk_size, return_metrics, vocab=None):
+    """After the type and shape checks: the loss through the op of the traced path
+    or through :func:`compute`."""
+    num = check.num_items(num_items_in_batch, read=not traced)
+    if traced:
+        return fused_op.call(entry, main, weight, bias, targets, position_ids, done, is_expert,
+                             num, opts, backend=backend, preset=preset, chunk_size=chunk_size,
+                             return_metrics=return_metrics)
+    loss, rows, plan, _ = compute(entry, main, weight, bias, targets, position_ids, done,
+                                  is_expert, num, opts, backend=backend, preset=preset,
+                                  chunk_size=chunk_size, want_metrics=return_metrics,
+                                  vocab=vocab)
+    return (loss, row_metrics(rows, plan, opts)) if return_metrics else loss
+
+
 def iq_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
             bias: torch.Tensor | None = None, gamma: Scalar = 1.0, td_weight: Scalar = 0.1,
             temperature: Scalar = 1.0, ignore_index: int = -100, reduction: Reduction = "mean",
@@ -235,16 +250,9 @@ def iq_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
             is_expert=is_expert, num_items_in_batch=num_items_in_batch))
     _linear(hidden, weight, bias)
     _batch("hidden", hidden, targets, position_ids, done, is_expert)
-    num = check.num_items(num_items_in_batch, read=not traced)
-    if traced:
-        return fused_op.call("linear", hidden, weight, bias, targets, position_ids, done,
-                             is_expert, num, opts, backend=backend, preset=preset,
-                             chunk_size=chunk_size, return_metrics=return_metrics)
-    loss, rows, plan, _ = compute("linear", hidden, weight, bias, targets, position_ids, done,
-                                  is_expert, num, opts, backend=backend, preset=preset,
-                                  chunk_size=chunk_size, want_metrics=return_metrics,
-                                  vocab=vocab)
-    return (loss, row_metrics(rows, plan, opts)) if return_metrics else loss
+    return _loss("linear", traced, hidden, weight, bias, targets, position_ids, done, is_expert,
+                 num_items_in_batch, opts, backend=backend, preset=preset, chunk_size=chunk_size,
+                 return_metrics=return_metrics, vocab=vocab)
 
 
 def iq_loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, gamma: Scalar = 1.0,
@@ -266,15 +274,9 @@ def iq_loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, gamma: S
                     traced=traced)
     check.tensor("logits", logits, ndim=(2, 3), floating=True)
     _batch("logits", logits, targets, position_ids, done, is_expert)
-    num = check.num_items(num_items_in_batch, read=not traced)
-    if traced:
-        return fused_op.call("logits", logits, None, None, targets, position_ids, done,
-                             is_expert, num, opts, backend=backend, preset=preset,
-                             chunk_size=chunk_size, return_metrics=return_metrics)
-    loss, rows, plan, _ = compute("logits", logits, None, None, targets, position_ids, done,
-                                  is_expert, num, opts, backend=backend, preset=preset,
-                                  chunk_size=chunk_size, want_metrics=return_metrics)
-    return (loss, row_metrics(rows, plan, opts)) if return_metrics else loss
+    return _loss("logits", traced, logits, None, None, targets, position_ids, done, is_expert,
+                 num_items_in_batch, opts, backend=backend, preset=preset, chunk_size=chunk_size,
+                 return_metrics=return_metrics)
 
 
 @torch.no_grad()
@@ -296,7 +298,7 @@ def implicit_rewards(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         return fused_op.call("rewards", hidden, weight, bias, targets, position_ids, done, None,
                              None, opts, backend=backend, preset=preset, chunk_size=chunk_size,
                              return_metrics=False)
-    _, rows, plan, flat = compute("rewards", hidden, weight, bias, targets, position_ids, done,
+    _, rows, plan, flat = compute("linear", hidden, weight, bias, targets, position_ids, done,
                                   None, None, opts, backend=backend, preset=preset,
                                   chunk_size=chunk_size, want_metrics=False)
     return rewards(rows, plan, flat)

@@ -76,7 +76,7 @@ def _run(entry, main, weight, bias, targets, position_ids, done, is_expert, num_
         leaves = [None if t is None else t.detach().requires_grad_(g)
                   for t, g in zip((main, weight, bias), grads)]
         loss, rows, plan, flat = F.compute(
-            "logits" if entry == "logits" else "linear", leaves[0], leaves[1], leaves[2],
+            "logits" if entry == "logits" else "linear", *leaves,
             targets, position_ids, done, is_expert, num_items, opts, backend=kw["backend"],
             preset=kw["preset"], chunk_size=kw["chunk_size"],
             want_metrics=kw["return_metrics"])
@@ -130,10 +130,7 @@ def _outputs(main, targets, kw, grads, weight, bias, loss=None, rewards=None, me
     return (loss.contiguous(), rewards.contiguous(), metrics, *gs)
 
 
-_DEF = dict(mutates_args=())
-
-
-@torch.library.custom_op("fastirl::iq_loss_fused", **_DEF)
+@torch.library.custom_op("fastirl::iq_loss_fused", mutates_args=())
 def _fused(main: Tensor, weight: Tensor | None, bias: Tensor | None, targets: Tensor,
            position_ids: Tensor | None, done: Tensor | None, is_expert: Tensor | None,
            num_items: Tensor | None, scalars: Tensor, *, entry: str, ignore_index: int,
@@ -156,7 +153,7 @@ def _fused_fake(main, weight, bias, targets, position_ids, done, is_expert, num_
     return _outputs(main, targets, kw, kw["grads"], weight, bias)
 
 
-@torch.library.custom_op("fastirl::iq_loss_fused_backward", **_DEF)
+@torch.library.custom_op("fastirl::iq_loss_fused_backward", mutates_args=())
 def _fused_backward(grad: Tensor, main: Tensor, weight: Tensor | None, bias: Tensor | None,
                     targets: Tensor, position_ids: Tensor | None, done: Tensor | None,
                     is_expert: Tensor | None, num_items: Tensor | None, scalars: Tensor, *,
