@@ -50,7 +50,7 @@ class IQOptions:
                 return          # traced call: the value is checked by the fused op
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-            if not math.isfinite(v):
+            if not -math.inf < v < math.inf:     # also False for NaN; traceable
                 raise ValueError(f"{name} must be finite, got {v}")
             if (v <= lo if lo_open else v < lo) or v > hi:
                 interval = f"{'(' if lo_open else '['}{lo}, {hi}]"

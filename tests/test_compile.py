@@ -250,3 +250,21 @@ def test_compiled_modules_match_eager():
         for a, e in zip(grads(got, _leaves(p)), grads(want, _leaves(p))):
             torch.testing.assert_close(a, e)
     assert counter.frame_count == 1
+
+
+def test_compiled_with_dynamic_shapes():
+    """dynamic=True: one graph for several (B, T); floats may be symbolic too."""
+    def f(h, w, t):
+        loss, m = fastirl.iq_loss(h, w, t, reduction="none", return_metrics=True, gamma=0.9)
+        return loss.sum() + fastirl.iq_loss(h, w, t, td_weight=0.5), m["nll"]
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for i, (B, T) in enumerate(((2, 5), (3, 7), (1, 1))):
+        p = make_batch(B, T, 8, 11, dtype=torch.float32, seed=i)
+        args = (p["hidden"], p["weight"], p["targets"])
+        got, nll = compiled(*args)
+        want = (ref.iq_loss(*args, reduction="sum", gamma=0.9)
+                + ref.iq_loss(*args, td_weight=0.5))
+        torch.testing.assert_close(got, want)
+        for a, e in zip(grads(got, args[:2]), grads(want, args[:2])):
+            torch.testing.assert_close(a, e)
