@@ -445,7 +445,7 @@ def test_fuzz_invalid_calls_name_the_argument(case, which, monkeypatch):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not load here")
-@_settings(25)
+@_settings(60)
 @given(case=cases(targets=(("cpu", "triton"),), tiny=True))
 def test_fuzz_triton_interpreter(case, monkeypatch):
     with monkeypatch.context() as m:
