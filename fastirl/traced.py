@@ -25,7 +25,6 @@ and the gradients of ``main``, ``weight`` and ``bias``.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch

@@ -96,7 +96,8 @@ def cases(draw, targets=tuple(TARGETS), tiny=False):
     )
     if case["flat"]:
         case["B"] = 1
-    if case["dtype"] in (torch.bfloat16, torch.float16) and case["divergence"] in ("hellinger", "js"):
+    low_precision = case["dtype"] in (torch.bfloat16, torch.float16)
+    if low_precision and case["divergence"] in ("hellinger", "js"):
         # phi' of these has a pole (r = -1, r = -log 2): the rounding of low-precision
         # logits moves r across it, so no tolerance is meaningful there.
         case["divergence"] = "chi2"
@@ -458,8 +459,8 @@ def test_fuzz_triton_interpreter(case, monkeypatch):
 
 # Each case the harness found, fixed, kept as a regression test on every backend
 # and both paths.  The case dicts are the shrunk examples hypothesis printed.
-_BASE = dict(entry="iq_loss", device="cpu", backend="torch", path="eager", B=1, T=1, H=1, V=1, flat=False,
-             dtype=torch.float32, seed=0, ignore_frac=0.0, ignore_index=-100,
+_BASE = dict(entry="iq_loss", device="cpu", backend="torch", path="eager", B=1, T=1, H=1, V=1,
+             flat=False, dtype=torch.float32, seed=0, ignore_frac=0.0, ignore_index=-100,
              layout=dict.fromkeys(("main", "weight", "bias", "targets", "position_ids"),
                                   "contiguous"),
              bias=False, packed=False, done=False, online=False, gamma=1.0, td_weight=0.1,

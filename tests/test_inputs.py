@@ -78,8 +78,10 @@ def call(p, **kw):
     (dict(gamma=torch.tensor(True)), TypeError, "gamma must be a real number"),
     (dict(td_weight=torch.tensor(0.5, device="meta")), ValueError,
      "td_weight must be a number or a 0-d CPU tensor"),
-    (dict(num_items_in_batch=torch.tensor(True)), TypeError, "num_items_in_batch must be a real"),
-    (dict(num_items_in_batch=torch.tensor(0.0)), ValueError, "num_items_in_batch must be a positive"),
+    (dict(num_items_in_batch=torch.tensor(True)), TypeError,
+     "num_items_in_batch must be a real"),
+    (dict(num_items_in_batch=torch.tensor(0.0)), ValueError,
+     "num_items_in_batch must be a positive"),
 ])
 def test_bad_input(p, path, kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -125,12 +127,13 @@ def test_negative_position_ids_every_entry_point(p, path, entry):
             fastirl.iq_loss_from_logits(logits, p["targets"], position_ids=pos)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64])
-def test_hyper_parameters_as_0d_cpu_tensors(p, path, dtype):
+@pytest.mark.parametrize("dtype,numbers", [
+    (torch.float64, dict(gamma=0.75, td_weight=0.5, temperature=0.5, softcap=3.0)),
+    (torch.float32, dict(gamma=0.75, td_weight=0.5, temperature=0.5, softcap=3.0)),
+    (torch.int64, dict(gamma=1, td_weight=2, temperature=2, softcap=3))])
+def test_hyper_parameters_as_0d_cpu_tensors(p, path, dtype, numbers):
     """A schedule keeps gamma / td_weight / temperature / softcap as 0-d tensors:
     they give the result of the same Python numbers."""
-    numbers = dict(gamma=0.75 if dtype != torch.int64 else 1, td_weight=0.5 if dtype != torch.int64
-                   else 2, temperature=0.5 if dtype != torch.int64 else 2, softcap=3)
     tensors = {k: torch.tensor(v, dtype=dtype) for k, v in numbers.items()}
     args = (p["hidden"], p["weight"], p["targets"])
     got = fastirl.iq_loss(*args, **tensors)
