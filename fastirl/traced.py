@@ -208,13 +208,12 @@ _fused.register_autograd(_backward, setup_context=_setup_context)
 def _scalars(opts: IQOptions) -> Tensor:
     """The four hyper-parameters and whether softcap is set, as one float64 CPU
     tensor; 0-d tensors among them stay graph inputs, numbers become constants."""
-    parts = [torch.as_tensor(1.0 if opts.softcap is None else getattr(opts, name),
-                             dtype=torch.float64, device="cpu").reshape(())
-             if name == "softcap" else
-             torch.as_tensor(getattr(opts, name), dtype=torch.float64, device="cpu").reshape(())
-             for name in HYPER]
-    parts.append(torch.tensor(float(opts.softcap is not None), dtype=torch.float64))
-    return torch.stack(parts)
+    values = [getattr(opts, name) for name in HYPER]
+    has_softcap = values[-1] is not None
+    values[-1] = values[-1] if has_softcap else 1.0
+    values.append(float(has_softcap))
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device="cpu").reshape(())
+                        for v in values])
 
 
 def call(entry: str, main, weight, bias, targets, position_ids, done, is_expert, num_items,
