@@ -3,7 +3,7 @@
     import fastirl
     loss = fastirl.iq_loss(hidden, lm_head.weight, targets)
 
-See ``shared/spec/iq-objective.md`` for the mathematics and :func:`iq_loss`
+See ``docs/objective.md`` for the mathematics and :func:`iq_loss`
 for the options.
 """
 

@@ -64,10 +64,17 @@ class _Job:
             yield s, e, e + 1 if lookahead and e < n and bool(cont[e - 1]) else e
 
     def rows(self, t: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        """Rows [s, e) of the active list taken from a (B*T, ...) tensor."""
-        if self.plan.index is None:
-            return t[s:e]
-        return t.index_select(0, self.plan.index[s:e])
+        """Rows [s, e) of the active list taken from a (B*T, ...) tensor, as a block
+        whose rows are unit-stride and distinct: a strided view (stride(1) != 1,
+        even where size-1 dimensions make it "contiguous") or an expanded one
+        (rows sharing memory) is copied, one chunk at a time."""
+        if self.plan.index is not None:
+            return t.index_select(0, self.plan.index[s:e])
+        rows = t[s:e]
+        if rows.dim() == 2 and rows.shape[1] > 0 and (
+                rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1])):
+            rows = rows.new_empty(rows.shape).copy_(rows)
+        return rows
 
     def put(self, out: torch.Tensor, s: int, e: int, rows: torch.Tensor) -> None:
         if self.plan.index is None:
@@ -177,14 +184,16 @@ class _SinglePass(torch.autograd.Function):
         out = _collect(stats, x.device, acc_dtype(x.dtype))
         out["reward"] = _cat(rewards, torch.zeros(0, dtype=acc_dtype(x.dtype), device=x.device))
         job.extras.update(out)
-        ctx.grads = (dx, *_finish(dw, weight, db, bias))
+        # Saved like any tensor autograd keeps: freed by the first backward unless
+        # it passes retain_graph=True (then a second backward works; without it,
+        # autograd's own "backward through the graph a second time" error).
+        ctx.save_for_backward(dx, *_finish(dw, weight, db, bias))
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grads = ctx.grads
-        del ctx.grads
+        grads = ctx.saved_tensors
         if not torch.equal(grad_out, torch.ones_like(grad_out)):
             grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
         return (None, *grads)

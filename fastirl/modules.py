@@ -6,14 +6,13 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .objective import IQOptions
 
 
 class _Options(nn.Module):
     def __init__(self, **options):
         super().__init__()
         # Validate eagerly so a bad option fails at construction, not mid-training.
-        IQOptions(**{k: v for k, v in options.items() if k in IQOptions.__dataclass_fields__})
+        F.check_options(**options)
         self.options = options
 
     def extra_repr(self) -> str:

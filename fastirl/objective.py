@@ -1,4 +1,4 @@
-"""The IQ-Learn objective over per-row statistics (spec: shared/spec/iq-objective.md).
+"""The IQ-Learn objective over per-row statistics (docs/objective.md).
 
 Everything here is O(rows) PyTorch.  The engine gives it, for the *active* rows
 (action rows and rows needed as next states, in order), the soft values V and
@@ -26,15 +26,19 @@ TD_ROWS = ("expert", "all")
 
 @dataclass(frozen=True)
 class IQOptions:
-    """Hyper-parameters of the objective (validated on construction)."""
+    """Hyper-parameters of the objective (validated on construction).
 
-    gamma: float = 1.0
-    td_weight: float = 0.1
-    temperature: float = 1.0
+    gamma, td_weight, temperature and softcap are Python numbers; only on the
+    traced path (torch.compile, fake / meta tensors: :mod:`fastirl.traced`) may
+    they be 0-d CPU tensors, whose values the fused op checks when it runs."""
+
+    gamma: float | torch.Tensor = 1.0
+    td_weight: float | torch.Tensor = 0.1
+    temperature: float | torch.Tensor = 1.0
     ignore_index: int = -100
     reduction: str = "mean"
     divergence: str = "chi2"
-    softcap: float | None = None
+    softcap: float | torch.Tensor | None = None
     value_term: str | None = None      # None: "value_expert" offline, "value" online
     td_rows: str = "expert"
     detach_next_value: bool = False
@@ -42,9 +46,11 @@ class IQOptions:
     def __post_init__(self):
         def number(name, lo, hi, lo_open=False):
             v = getattr(self, name)
+            if isinstance(v, torch.Tensor):
+                return          # traced call: the value is checked by the fused op
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-            if not math.isfinite(v):
+            if not -math.inf < v < math.inf:     # also False for NaN; traceable
                 raise ValueError(f"{name} must be finite, got {v}")
             if (v <= lo if lo_open else v < lo) or v > hi:
                 interval = f"{'(' if lo_open else '['}{lo}, {hi}]"

@@ -35,3 +35,10 @@ def make_batch(B=3, T=9, H=12, V=37, *, dtype=torch.float64, seed=0, ignore_frac
 def grads(loss, tensors, upstream=None):
     tensors = [t for t in tensors if t is not None]
     return torch.autograd.grad(loss, tensors, upstream, allow_unused=True)
+
+
+def use_op_path(monkeypatch):
+    """Route eager calls through the torch.library op of the traced path
+    (fastirl.traced), as torch.compile and meta / fake tensors do."""
+    from fastirl import functional
+    monkeypatch.setattr(functional, "_traced", lambda backend, *t: isinstance(backend, str))

@@ -6,12 +6,21 @@ import pytest
 import torch
 
 import fastirl
-from _problems import make_batch
+from _problems import make_batch, use_op_path
+from fastirl import reference as ref
 
 
 @pytest.fixture
 def p():
     return make_batch(2, 5, 4, 11, dtype=torch.float32)
+
+
+@pytest.fixture(params=["eager", "op"])
+def path(request, monkeypatch):
+    """Every check holds on the eager path and on the traced path's op."""
+    if request.param == "op":
+        use_op_path(monkeypatch)
+    return request.param
 
 
 def call(p, **kw):
@@ -59,8 +68,22 @@ def call(p, **kw):
     (dict(done=torch.zeros(2, 4, dtype=torch.bool)), ValueError, "done must have shape"),
     (dict(is_expert=torch.ones(3, dtype=torch.bool)), ValueError, r"is_expert must have shape \(2,\)"),
     (dict(is_expert=torch.ones(2)), TypeError, "is_expert must be a bool"),
+    (dict(position_ids=torch.tensor([[0, 1, 2, -1, 0], [0, 1, 2, 3, 4]])), ValueError,
+     r"position_ids must be >= 0 \(a 0 starts a sequence\); found -1"),
+    (dict(gamma=torch.tensor(1.5)), ValueError, r"gamma must lie in \[0.0, 1.0\], got 1.5"),
+    (dict(td_weight=torch.tensor(-0.5)), ValueError, "td_weight must lie in"),
+    (dict(temperature=torch.tensor(0.0)), ValueError, "temperature must lie in"),
+    (dict(softcap=torch.tensor(math.nan)), ValueError, "softcap must be finite"),
+    (dict(gamma=torch.tensor([0.9])), ValueError, "gamma must be a number or a 0-d tensor"),
+    (dict(gamma=torch.tensor(True)), TypeError, "gamma must be a real number"),
+    (dict(td_weight=torch.tensor(0.5, device="meta")), ValueError,
+     "td_weight must be a number or a 0-d CPU tensor"),
+    (dict(num_items_in_batch=torch.tensor(True)), TypeError,
+     "num_items_in_batch must be a real"),
+    (dict(num_items_in_batch=torch.tensor(0.0)), ValueError,
+     "num_items_in_batch must be a positive"),
 ])
-def test_bad_input(p, kw, exc, match):
+def test_bad_input(p, path, kw, exc, match):
     with pytest.raises(exc, match=match):
         call(p, **kw)
 
@@ -89,3 +112,46 @@ def test_unavailable_backend_says_why(p):
         pytest.skip("a CUDA machine may have the CUDA backend")
     with pytest.raises((RuntimeError, ValueError), match="cuda"):
         call(p, backend="cuda")
+
+
+@pytest.mark.parametrize("entry", ["iq_loss", "from_logits", "implicit_rewards"])
+def test_negative_position_ids_every_entry_point(p, path, entry):
+    pos = torch.tensor([[0, 1, -2, 3, 4], [0, 1, 0, 1, 2]])
+    with pytest.raises(ValueError, match="position_ids must be >= 0.*found -2"):
+        if entry == "iq_loss":
+            fastirl.iq_loss(p["hidden"], p["weight"], p["targets"], position_ids=pos)
+        elif entry == "implicit_rewards":
+            fastirl.implicit_rewards(p["hidden"], p["weight"], p["targets"], position_ids=pos)
+        else:
+            logits = p["hidden"] @ p["weight"].T
+            fastirl.iq_loss_from_logits(logits, p["targets"], position_ids=pos)
+
+
+@pytest.mark.parametrize("dtype,numbers", [
+    (torch.float64, dict(gamma=0.75, td_weight=0.5, temperature=0.5, softcap=3.0)),
+    (torch.float32, dict(gamma=0.75, td_weight=0.5, temperature=0.5, softcap=3.0)),
+    (torch.int64, dict(gamma=1, td_weight=2, temperature=2, softcap=3))])
+def test_hyper_parameters_as_0d_cpu_tensors(p, path, dtype, numbers):
+    """A schedule keeps gamma / td_weight / temperature / softcap as 0-d tensors:
+    they give the result of the same Python numbers."""
+    tensors = {k: torch.tensor(v, dtype=dtype) for k, v in numbers.items()}
+    args = (p["hidden"], p["weight"], p["targets"])
+    got = fastirl.iq_loss(*args, **tensors)
+    want = ref.iq_loss(*args, **numbers)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, args[:2]), torch.autograd.grad(want, args[:2])):
+        torch.testing.assert_close(g, w)
+    r = fastirl.implicit_rewards(*args, gamma=tensors["gamma"], softcap=tensors["softcap"])
+    torch.testing.assert_close(r, ref.implicit_rewards(*args, gamma=numbers["gamma"],
+                                                       softcap=numbers["softcap"]))
+
+
+def test_hyper_parameter_tensors_in_modules_follow_a_schedule(p):
+    gamma = torch.tensor(0.9)
+    mod = fastirl.LinearIQLoss(gamma=gamma, td_weight=torch.tensor(0.3))
+    args = (p["hidden"], p["weight"], p["targets"])
+    torch.testing.assert_close(mod(*args), ref.iq_loss(*args, gamma=0.9, td_weight=0.3))
+    gamma.fill_(0.5)                  # the schedule steps: the next call sees the new value
+    torch.testing.assert_close(mod(*args), ref.iq_loss(*args, gamma=0.5, td_weight=0.3))
+    with pytest.raises(ValueError, match="gamma must lie in"):
+        fastirl.LinearIQLoss(gamma=torch.tensor(2.0))

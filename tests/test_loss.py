@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fastirl
 from fastirl import engine
 from fastirl import reference as ref
-from _problems import grads, make_batch
+from _problems import grads, make_batch, use_op_path
 
 VARIANTS = {
     "default": {},
@@ -238,3 +238,82 @@ def test_modules():
     assert "td_weight=0.3" in repr(mod)
     with pytest.raises(ValueError, match="gamma"):
         fastirl.LinearIQLoss(gamma=2.0)
+
+
+
+# ------------------------------------------------------------------ backward twice
+
+CPU_BACKENDS = fastirl.available_backends("cpu")
+
+
+def _loss_fn(entry, reduction, backend):
+    """(fastirl loss, reference loss, leaves): closures building a fresh graph."""
+    p = make_batch(B=2, T=7, H=5, V=13, dtype=torch.float32, bias=True)
+    up = torch.randn(2, 7, generator=torch.Generator().manual_seed(3))
+    kw = dict(reduction=reduction, td_weight=0.4, gamma=0.9)
+    reduce = (lambda loss: (loss * up).sum()) if reduction == "none" else (lambda loss: loss)
+    if entry == "linear":
+        args = (p["hidden"], p["weight"], p["targets"])
+        return (lambda: reduce(fastirl.iq_loss(*args, bias=p["bias"], backend=backend, **kw)),
+                lambda: reduce(ref.iq_loss(*args, bias=p["bias"], **kw)),
+                [p["hidden"], p["weight"], p["bias"]])
+    logits = F.linear(p["hidden"], p["weight"]).detach().requires_grad_()
+    return (lambda: reduce(fastirl.iq_loss_from_logits(logits, p["targets"], backend=backend,
+                                                       **kw)),
+            lambda: reduce(ref.iq_loss_from_logits(logits, p["targets"], **kw)), [logits])
+
+
+@pytest.fixture(params=["eager", "op"])
+def path(request, monkeypatch):
+    if request.param == "op":
+        use_op_path(monkeypatch)
+    return request.param
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("entry,reduction", [("linear", "mean"), ("linear", "none"),
+                                             ("logits", "sum"), ("logits", "none")])
+def test_backward_twice_with_retain_graph(path, backend, entry, reduction):
+    """retain_graph=True keeps what backward needs: the second backward adds the
+    same gradients again (combined losses, gradient penalties)."""
+    loss_fn, ref_fn, leaves = _loss_fn(entry, reduction, backend)
+    want = grads(ref_fn(), leaves)
+    loss = loss_fn()
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for t, g, w in zip(leaves, first, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(t.grad, 2 * w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("entry,reduction", [("linear", "mean"), ("linear", "none"),
+                                             ("logits", "mean")])
+def test_autograd_grad_then_backward(path, backend, entry, reduction):
+    loss_fn, ref_fn, leaves = _loss_fn(entry, reduction, backend)
+    want = grads(ref_fn(), leaves)
+    # Retained: autograd.grad, then backward, both give the gradients.
+    loss = loss_fn()
+    got = torch.autograd.grad(loss, leaves, retain_graph=True)
+    loss.backward()
+    for g, t, w in zip(got, leaves, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(t.grad, w, atol=1e-5, rtol=1e-4)
+    # Not retained: autograd's own error that says what to do, never an internal one.
+    loss = loss_fn()
+    torch.autograd.grad(loss, leaves)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time.*"
+                                           "retain_graph=True"):
+        loss.backward()
+
+
+def test_two_losses_of_one_graph_combine(path):
+    """A loss used twice in one objective: its upstream gradients add up."""
+    loss_fn, ref_fn, leaves = _loss_fn("linear", "mean", "torch")
+    loss = loss_fn()
+    got = grads(loss + 2.0 * loss.square(), leaves)
+    want_loss = ref_fn()
+    want = grads(want_loss + 2.0 * want_loss.square(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -421,15 +421,21 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from fastirl._validate import CLI_DTYPES, dtype_arg, positive_int
+
+    from .triton_kernels import CONFIGS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCH))
     ap.add_argument("--flags", choices=("worst", "extremes", "all"), default="extremes")
-    ap.add_argument("--kernel", nargs="+", default=None)
-    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16", "fp16"])
-    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--kernel", nargs="+", default=None, choices=sorted(CONFIGS))
+    ap.add_argument("--dtype", type=dtype_arg, nargs="+", default=list(CLI_DTYPES),
+                    help=f"input dtypes: {', '.join(CLI_DTYPES)} (or bf16, fp16, fp32)")
+    ap.add_argument("--jobs", type=positive_int, default=1)
     ap.add_argument("--json", help="write every result to this file")
     ap.add_argument("--verbose", action="store_true", help="print every variant")
     a = ap.parse_args(argv)
+    a.dtype = [{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[d] for d in a.dtype]
 
     def progress(r, i, total):
         if a.verbose or r.problems:

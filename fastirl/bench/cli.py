@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastirl._validate import CLI_DTYPES, dtype_arg
+
 from . import report
 from .worker import MARKER
 
@@ -45,7 +47,7 @@ PRESETS: dict[str, dict] = {
 
 DEFAULT_SWEEP_TOKENS = "1024,2048,4096,8192,16384"
 DEFAULT_SWEEP_VOCAB = "8192,16384,32768,65536,131072"
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = CLI_DTYPES
 
 
 class UsageError(Exception):
@@ -68,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, help="positions per sequence T")
     p.add_argument("--hidden", type=int, help="hidden size H")
     p.add_argument("--vocab", type=int, help="vocabulary size V")
-    p.add_argument("--dtype", choices=DTYPES, help="input dtype")
+    p.add_argument("--dtype", type=dtype_arg, metavar="{" + ",".join(DTYPES) + "}",
+                   help="input dtype (bf16, fp16, fp32 are accepted too)")
     p.add_argument("--variants",
                    help="comma-separated variant names or groups (default, all, iq, ce); "
                         "see --list")
