@@ -5,13 +5,27 @@ runs the model's backbone for the final hidden states and calls
 :func:`fastirl.iq_loss` with the LM head's weight (and bias), never building the
 (tokens x vocab) logits; the output has ``loss`` set and ``logits=None``.  A call
 without ``labels`` (e.g. from ``generate``) runs the original forward.  So
-``transformers.Trainer``, TRL's ``SFTTrainer`` or any hand-written loop trains
-with the IQ-Learn loss unchanged.  ``unapply_fastirl(model)`` undoes the patch.
+``transformers.Trainer``, accelerate or any hand-written loop trains with the
+IQ-Learn loss unchanged (TRL: use ``IQTrainer``).  ``unapply_fastirl(model)``
+undoes the patch.
 
 The patch is an instance attribute ``model.forward`` (a bound method, so
 ``copy.deepcopy`` rebinds it to the copy) advertising the original signature
 plus the keyword-only IQ inputs, so signature-based logic of ``generate`` and
 ``Trainer`` (column pruning, loss kwargs) keeps working.
+
+Never silent: a forward pre-hook on the backbone checks that, in a training
+step (train mode, gradients on), the backbone runs inside the patched forward.
+If something replaced or bypasses it (TRL's ``SFTTrainer`` installs its own
+fused LM head over the forward and trains its NLL; Liger's patch; another
+library's ``apply_*``), the step raises a ``RuntimeError`` naming it, and
+:func:`is_fastirl_applied` answers False.
+
+Heads: a plain linear head, PEFT ``modules_to_save=["lm_head"]``, PEFT LoRA on
+the head (as the linear map ``[h, s h A^T] @ [W, B]^T``, trained exactly), an
+FSDP2 ``DTensor`` weight (gathered) or a head that is its own FSDP2 unit or a
+ZeRO-3 partitioned weight (the loss runs through the head module's ``__call__``
+so the framework gathers it and reduces its gradient).
 """
 
 from __future__ import annotations
