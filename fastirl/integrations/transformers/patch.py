@@ -621,23 +621,24 @@ def _verify(model: nn.Module, state: _State) -> None:
     vocab = head.weight.shape[0]
     ids = (torch.arange(6, device=device) * 7 + 3).remainder(vocab).unsqueeze(0)
     was_training = model.training
-    model.eval()
+    model.eval()                              # also the head's adapter dropout
     try:
         out = state.call_original(model, input_ids=ids, use_cache=False)
         logits = out.logits if hasattr(out, "logits") else out[0]
         hidden, _ = _hidden_states(model, {"input_ids": ids, "use_cache": False})
+        if hidden.shape[:-1] != logits.shape[:-1] or hidden.shape[-1] != _full(head.weight).shape[1]:
+            raise TypeError(f"fastirl cannot use {type(model).__name__}: its backbone's hidden "
+                            f"states {tuple(hidden.shape)} do not feed its LM head "
+                            f"{tuple(head.weight.shape)}")
+        if state.hidden_scale is not None:
+            hidden = hidden * state.hidden_scale
+        if _needs_module_call(head):
+            z = head(hidden).float()
+        else:
+            hidden, weight, bias = _head_operands(head, hidden.to(_head_device(head)))
+            z = F.linear(hidden.to(weight.dtype), weight, bias).float()
     finally:
         model.train(was_training)
-    if hidden.shape[:-1] != logits.shape[:-1] or hidden.shape[-1] != _full(head.weight).shape[1]:
-        raise TypeError(f"fastirl cannot use {type(model).__name__}: its backbone's hidden states "
-                        f"{tuple(hidden.shape)} do not feed its LM head {tuple(head.weight.shape)}")
-    if state.hidden_scale is not None:
-        hidden = hidden * state.hidden_scale
-    if _needs_module_call(head):
-        z = head(hidden).float()
-    else:
-        hidden, weight, bias = _head_operands(head, hidden.to(_head_device(head)))
-        z = F.linear(hidden.to(weight.dtype), weight, bias).float()
     weight = head.weight
     cap = state.options.get("softcap")
     if cap is not None:
