@@ -56,6 +56,10 @@ LOSS_OPTIONS = ("gamma", "td_weight", "temperature", "ignore_index", "divergence
                 "value_term", "td_rows", "detach_next_value", "backend", "preset", "chunk_size")
 _OBJECTIVE_OPTIONS = tuple(IQOptions.__dataclass_fields__)
 
+# transformers >= 5.x names the output's KV cache `cache` (`past_key_values` before).
+_CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+                else "past_key_values")
+
 # Keyword-only inputs the patched forward adds to the model's signature.
 _EXTRA_INPUTS = ("shift_labels", "is_expert", "done", "num_items_in_batch", "return_metrics",
                  "return_logits")
@@ -474,8 +478,8 @@ def _patched_forward(self, state: _State, args, kwargs):
     if metrics is not None:
         metrics["num_actions"] = (targets != options.get("ignore_index", -100)).sum()
     state.last_metrics = metrics
-    return IQCausalLMOutput(loss=loss, logits=logits,
-                            past_key_values=getattr(out, "past_key_values", None),
+    cache = {_CACHE_FIELD: getattr(out, _CACHE_FIELD, None)}
+    return IQCausalLMOutput(loss=loss, logits=logits, **cache,
                             hidden_states=getattr(out, "hidden_states", None),
                             attentions=getattr(out, "attentions", None), iq_metrics=metrics,
                             aux_loss=aux_loss, router_logits=getattr(out, "router_logits", None))
