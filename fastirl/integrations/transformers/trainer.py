@@ -41,6 +41,9 @@ class IQTrainer(SFTTrainer):
     :func:`fastirl.iq_loss` on the LM head's weight: no (tokens x vocab)
     logits.  Optional dataset columns: ``is_expert`` (bool per example) and
     ``done`` (token-aligned bool list, terminal actions; not with packing).
+    Pre-tokenized data (``input_ids`` and ``labels``, -100 = not an action) may
+    also come as a ``torch.utils.data.Dataset`` of dicts, and then needs no
+    ``processing_class`` (only the pad id, from the model config, is used).
 
     * Gradient accumulation and data parallelism: the loss is normalised by
       the Trainer's ``num_items_in_batch`` (action tokens of the accumulated
@@ -80,6 +83,9 @@ class IQTrainer(SFTTrainer):
             raise ValueError("online_mix > 0 does not support packing / padding_free: sampled "
                              "completions are mixed in as separate padded rows")
         _refuse_lora_on_head(peft_config)
+        train_dataset, eval_dataset = _hf_dataset(train_dataset), _hf_dataset(eval_dataset)
+        if processing_class is None and isinstance(model, nn.Module) and _pretokenized(train_dataset):
+            processing_class = _pad_only_tokenizer(model)
         self._online_prompts = args.online_mix > 0
         super().__init__(model, args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
@@ -347,6 +353,42 @@ class IQTrainer(SFTTrainer):
         if "position_ids" in inputs:
             samples["position_ids"] = (sample_mask.cumsum(1) - 1).clamp(min=0)
         return samples
+
+
+def _hf_dataset(data):
+    """A map-style dataset of pre-tokenized rows (``torch.utils.data.Dataset`` or a
+    list of dicts of tensors / lists) as a ``datasets.Dataset``, which TRL needs."""
+    import datasets
+    if data is None or isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
+        return data
+    if isinstance(data, dict):
+        return {k: _hf_dataset(v) for k, v in data.items()}
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        return data                            # TRL raises its own error
+    rows = [{k: v.tolist() if torch.is_tensor(v) else v for k, v in data[i].items()}
+            for i in range(len(data))]
+    return datasets.Dataset.from_list(rows)
+
+
+def _pretokenized(data) -> bool:
+    return data is not None and "input_ids" in (getattr(data, "column_names", None) or [])
+
+
+def _pad_only_tokenizer(model: nn.Module):
+    """For pre-tokenized data without a tokenizer: TRL's collator needs only the pad
+    id (the model config's pad, else eos, else 0)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "eos_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    pad = 0 if pad is None else int(pad)
+    tok = Tokenizer(models.WordLevel({"<pad>": pad}, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<pad>")
 
 
 def _refuse_lora_on_head(peft_config) -> None:
