@@ -320,3 +320,17 @@ def test_online_mode_samples_from_the_last_user_turn(tmp_path, monkeypatch):
     assert prompts == [want]
     log = next(h for h in trainer.state.log_history if "online_samples" in h)
     assert log["online_samples"] == 2 and math.isfinite(log["loss"])
+
+
+def test_model_from_a_path_with_model_init_kwargs(tmp_path, spy):
+    """TRL loads the model (model_init_kwargs) and IQTrainer patches what it loaded."""
+    tok = tokenizer()
+    path = tmp_path / "tiny"
+    tiny_llama().save_pretrained(path)
+    tok.save_pretrained(path)
+    train = Dataset.from_list([{"messages": conversation(i)} for i in range(2)])
+    args = iq_config(tmp_path / "out", model_init_kwargs={"dtype": "bfloat16"})
+    trainer = IQTrainer(str(path), args=args, train_dataset=train)
+    assert trainer.model.dtype == torch.bfloat16 and is_fastirl_applied(trainer.model)
+    trainer.train()
+    assert spy and spy[0]["out"][0].dtype == torch.bfloat16

@@ -23,7 +23,7 @@ class IQConfig(SFTConfig):
     cross-entropy (MLE).  ``online_mix > 0`` switches to online IQ-Learn: every
     ``online_every`` optimizer steps completions are sampled from the current
     policy for the batch's prompts and mixed in as non-expert sequences.
-    ``loss_type`` must stay ``"nll"`` (the IQ loss replaces it).
+    ``loss_type`` must stay TRL's NLL (the IQ loss replaces it).
     """
 
     # ---- objective
@@ -112,7 +112,7 @@ class IQConfig(SFTConfig):
             raise ValueError(f"td_weight_warmup_steps must be >= 0, got "
                              f"{self.td_weight_warmup_steps}")
         super().__post_init__()
-        if self.loss_type != "nll":
+        if self.loss_type not in ("nll", "chunked_nll"):      # TRL < 1.9 calls it chunked_nll
             raise ValueError(f"loss_type={self.loss_type!r} selects one of TRL's own losses; IQConfig "
                              f"trains the IQ-Learn loss (td_weight=0 is the NLL). Leave loss_type at "
                              f"'nll'.")

@@ -67,10 +67,10 @@ class IQTrainer(SFTTrainer):
 
     def __init__(self, model, args: IQConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None,
-                 compute_loss_func=None, compute_metrics=None, callbacks=None,
-                 optimizers=(None, None), optimizer_cls_and_kwargs=None,
-                 preprocess_logits_for_metrics=None, quantization_config=None, peft_config=None,
-                 formatting_func=None):
+                 compute_loss_func=None, peft_config=None, **kwargs):
+        """Arguments as ``trl.SFTTrainer`` (``compute_metrics``, ``callbacks``,
+        ``optimizers``, ``formatting_func``... go to it unchanged); ``args`` must
+        be an :class:`IQConfig`."""
         if args is None:
             args = IQConfig(output_dir="iq_output")
         elif not isinstance(args, IQConfig):
@@ -87,13 +87,10 @@ class IQTrainer(SFTTrainer):
         if processing_class is None and isinstance(model, nn.Module) and _pretokenized(train_dataset):
             processing_class = _pad_only_tokenizer(model)
         self._online_prompts = args.online_mix > 0
+        if peft_config is not None:
+            kwargs["peft_config"] = peft_config
         super().__init__(model, args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks,
-                         optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                         quantization_config=quantization_config, peft_config=peft_config,
-                         formatting_func=formatting_func)
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         # After SFTTrainer, whose fused LM head (NLL) wraps the forward: fastirl's is outermost.
         apply_fastirl(self.model, fused=args.fused_loss, return_metrics=True,
                       **args.loss_options())
