@@ -93,6 +93,14 @@ def test_iq_trainer_trains_and_logs_the_aux_loss(tmp_path):
     trainer = IQTrainer(tiny_moe("mixtral", output_router_logits=False), args,
                         train_dataset=train, processing_class=tokenizer())
     assert trainer.aux_loss_enabled               # TRL's switch, honoured by the patch
+    # TRL's coefficient (0.25), not the model config's (0.5), weighs the aux loss.
+    model = trainer.model
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    out = model(**batch, output_router_logits=True)
+    iq = out.loss - 0.5 * out.aux_loss
+    torch.testing.assert_close(loss, iq + 0.25 * out.aux_loss)
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["aux_loss"] > 0 and "td_penalty" in log

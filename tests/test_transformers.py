@@ -319,7 +319,7 @@ def test_plain_trainer_trains_a_patched_model(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
         disable_tqdm=True, per_device_train_batch_size=4, max_steps=1, logging_steps=1,
-        learning_rate=1e-9, train_sampling_strategy="sequential")
+        learning_rate=1e-9)
     trainer = transformers.Trainer(model, args, train_dataset=ListDataset(rows))
     trainer.train()
     assert math.isclose(trainer.state.log_history[0]["loss"], want, rel_tol=1e-4)

@@ -420,6 +420,15 @@ def _router_aux_loss(model: nn.Module, out, attention_mask):
     return func(out.router_logits, num_experts, top_k, attention_mask)
 
 
+def router_aux_loss_coef(model: nn.Module) -> float:
+    """The weight the model's own forward gives its router aux loss."""
+    target = _unwrap(model)
+    coef = getattr(target, "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(_text_config(target), "router_aux_loss_coef", 0.0)
+    return float(coef)
+
+
 def _patched_forward(self, state: _State, args, kwargs):
     extra = {k: kwargs.pop(k) for k in _EXTRA_INPUTS if k in kwargs}
     bound = state.signature.bind(*args, **kwargs)
@@ -471,10 +480,7 @@ def _patched_forward(self, state: _State, args, kwargs):
         aux_loss = getattr(out, "aux_loss", None) if not state.fused else None
         if aux_loss is None:
             aux_loss = _router_aux_loss(self, out, arguments.get("attention_mask"))
-        coef = getattr(self, "router_aux_loss_coef", None)
-        if coef is None:
-            coef = getattr(_text_config(self), "router_aux_loss_coef", 0.0)
-        loss = loss + coef * aux_loss.to(loss.device)
+        loss = loss + router_aux_loss_coef(self) * aux_loss.to(loss.device)
     if metrics is not None:
         metrics["num_actions"] = (targets != options.get("ignore_index", -100)).sum()
     state.last_metrics = metrics
@@ -520,7 +526,6 @@ def _make_forward(signature: inspect.Signature, original):
     forward.__signature__ = _patched_signature(signature)
     forward.__doc__ = ("fastirl-patched forward: with labels, returns the fused IQ-Learn loss and "
                        "logits=None; without, the original forward.")
-    forward._fastirl_patch = True
     return forward
 
 

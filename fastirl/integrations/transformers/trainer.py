@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 from trl import SFTTrainer
 
 from .config import IQConfig
-from .patch import apply_fastirl, set_loss_options
+from .patch import apply_fastirl, router_aux_loss_coef, set_loss_options
 
 __all__ = ["IQTrainer", "mix_batches"]
 
@@ -144,11 +144,12 @@ class IQTrainer(SFTTrainer):
             kwargs["return_logits"] = True
         outputs = model(**inputs, **kwargs)
         loss = outputs["loss"]
-        aux = outputs.get("aux_loss") if self.aux_loss_enabled else None
+        aux = outputs.get("aux_loss")
         weighted_aux = None
-        if aux is not None:
-            weighted_aux = self.router_aux_loss_coef * aux.to(loss.device)
-            loss = loss - weighted_aux         # scaled separately below, as TRL does
+        if aux is not None:     # the patch added it as the model does; TRL's coef, scaled below
+            loss = loss - router_aux_loss_coef(model) * aux.to(loss.device)
+            if self.aux_loss_enabled:
+                weighted_aux = self.router_aux_loss_coef * aux.to(loss.device)
         if mode == "train" and counted:
             # With num_items_in_batch the Trainer takes the loss as already scaled for
             # gradient accumulation (it does not divide it by the number of steps).
