@@ -271,6 +271,20 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     assert_grads_close(accum, full, rtol=1e-4)
 
 
+def test_logged_loss_is_the_iq_loss_of_the_batch(tmp_path):
+    """Through the Trainer (num_items_in_batch counted by transformers): the first
+    logged loss is the naive IQ loss of the whole batch (every token an action, the
+    first one too: it is not predicted and must not be counted)."""
+    tok = tokenizer()
+    train = Dataset.from_list([{"messages": conversation(i)} for i in range(4)])
+    args = iq_config(tmp_path, per_device_train_batch_size=4, learning_rate=1e-9)
+    trainer = IQTrainer(tiny_llama(), args=args, train_dataset=train, processing_class=tok)
+    batch = first_batch(trainer)
+    trainer.train()
+    want = reference_loss(tiny_llama(), batch, **OPTIONS).item()
+    assert math.isclose(trainer.state.log_history[0]["loss"], want, rel_tol=1e-4)
+
+
 def test_eval_logits_for_compute_metrics(tmp_path):
     tok = tokenizer()
     data = Dataset.from_list([{"messages": conversation(i)} for i in range(3)])
