@@ -206,6 +206,25 @@ def test_bypass_by_calling_the_backbone_directly_raises():
     model.model(input_ids=ids)
 
 
+def test_another_patch_over_the_forward_raises_and_names_it():
+    """E.g. Liger's apply_liger_kernel_to_*: a forward of its own that runs the
+    backbone and computes cross-entropy."""
+    model = tiny_llama()
+    apply_fastirl(model, backend="torch")
+
+    def other_fused_cross_entropy(self, input_ids=None, labels=None, **kwargs):
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        logits = self.lm_head(hidden[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+
+    model.forward = other_fused_cross_entropy.__get__(model)
+    assert not is_fastirl_applied(model)
+    model.train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(RuntimeError, match="other_fused_cross_entropy"):
+        model(input_ids=ids, labels=ids)
+
+
 def test_iqconfig_rejects_trl_losses(tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         iq_config(tmp_path, loss_type="dft")
@@ -346,3 +365,31 @@ def test_model_from_a_path_with_model_init_kwargs(tmp_path, spy):
     assert trainer.model.dtype == torch.bfloat16 and is_fastirl_applied(trainer.model)
     trainer.train()
     assert spy and spy[0]["out"][0].dtype == torch.bfloat16
+
+
+def test_is_expert_and_done_columns_reach_the_loss(tmp_path, spy):
+    """Pre-tokenized rows with is_expert and done: collated (done padded like
+    labels) and passed to the objective (online form, explicit terminals)."""
+    from fastirl import reference
+    from fastirl.integrations.transformers import shift_labels
+    rows = [{"input_ids": [4, 8, 10, 11, 12, 6], "labels": [-100, -100, 10, 11, 12, 6],
+             "is_expert": True, "done": [False, False, False, True, False, False]},
+            {"input_ids": [4, 9, 13, 14], "labels": [-100, 9, 13, 14],
+             "is_expert": False, "done": [False, False, False, True]}]
+    args = iq_config(tmp_path, per_device_train_batch_size=2)
+    trainer = IQTrainer(tiny_llama(), args=args, train_dataset=Dataset.from_list(rows),
+                        processing_class=tokenizer())
+    batch = first_batch(trainer)
+    assert batch["done"].shape == batch["labels"].shape
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    call = spy[-1]
+    assert sorted(call["is_expert"].tolist()) == [False, True]
+    done_rows = torch.zeros_like(batch["done"])
+    done_rows[:, :-1] = batch["done"][:, 1:]
+    torch.testing.assert_close(call["done"], done_rows)
+    naive = tiny_llama()
+    logits = naive(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = reference.iq_loss_from_logits(logits.double(), shift_labels(batch["labels"]),
+                                         is_expert=batch["is_expert"], done=done_rows, **OPTIONS)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)

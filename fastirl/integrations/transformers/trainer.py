@@ -47,8 +47,9 @@ class IQTrainer(SFTTrainer):
 
     * Gradient accumulation and data parallelism: the loss is normalised by
       the Trainer's ``num_items_in_batch`` (action tokens of the accumulated
-      batch over all ranks).  In online mode the expert and sampled rows have
-      different normalisers, so each micro-batch is normalised by its own.
+      batch over all ranks).  With non-expert rows (online mode, or an
+      ``is_expert`` column) expert and non-expert rows have different
+      normalisers, so each micro-batch is normalised by its own.
     * Logged (TRL-style, token-weighted over each logging interval and over
       ranks): ``nll``, ``td_penalty``, ``reward``, ``value``, ``entropy``,
       ``mean_token_accuracy``, ``num_tokens`` (``eval_*`` in evaluation), and
@@ -96,7 +97,8 @@ class IQTrainer(SFTTrainer):
                       **args.loss_options())
         # The patched forward takes num_items_in_batch: let the Trainer count tokens.
         self.model_accepts_loss_kwargs = True
-        self.data_collator = _IQCollator(self.data_collator)
+        if _has_iq_columns(self.train_dataset, self.eval_dataset):
+            self.data_collator = _IQCollator(self.data_collator)
         self._iq_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._online_samples: dict[str, torch.Tensor] | None = None
 
@@ -136,7 +138,11 @@ class IQTrainer(SFTTrainer):
         counted = num_items_in_batch is not None
         if online:
             inputs = self._mix_online(model, inputs, prompts)
-            num_items_in_batch = None          # per-micro-batch N_E and N_all (see class doc)
+        # Expert and non-expert rows have different normalisers (N_E, N_all): the
+        # Trainer's single token count cannot stand for both, so normalise per micro-batch.
+        per_batch = inputs.get("is_expert") is not None
+        if per_batch:
+            num_items_in_batch = None
         kwargs = {"return_metrics": True}
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
@@ -155,7 +161,7 @@ class IQTrainer(SFTTrainer):
             # gradient accumulation (it does not divide it by the number of steps).
             steps = getattr(self, "current_gradient_accumulation_steps",
                             self.args.gradient_accumulation_steps)
-            if online:                          # a per-micro-batch mean: scale it here
+            if per_batch:                       # a per-micro-batch mean: scale it here
                 loss = loss / steps
             elif self.args.average_tokens_across_devices:
                 # Sum over this rank's tokens / global count; DDP averages gradients over ranks.
@@ -366,6 +372,14 @@ def _hf_dataset(data):
     rows = [{k: v.tolist() if torch.is_tensor(v) else v for k, v in data[i].items()}
             for i in range(len(data))]
     return datasets.Dataset.from_list(rows)
+
+
+def _has_iq_columns(*datasets) -> bool:
+    for data in datasets:
+        for part in (data.values() if isinstance(data, dict) else [data]):
+            if set(_IQ_COLUMNS) & set(getattr(part, "column_names", None) or []):
+                return True
+    return False
 
 
 def _pretokenized(data) -> bool:
