@@ -76,3 +76,48 @@ def assert_grads_close(got, want, rtol=1e-4):
         scale = want[name].abs().max().item() + 1e-6
         err = (got[name].double() - want[name].double()).abs().max().item()
         assert err <= rtol * scale + 1e-7, f"{name}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def launch_workers(script: str, world: int, tmp_path, results: list[str], *, timeout: float,
+                   **env_extra) -> list:
+    """Runs ``python script --worker RANK PORT TMP`` for every rank (the test file is
+    its own worker) and returns ``torch.load`` of each of ``results`` (files the
+    workers write under ``tmp_path``); fails the test with the workers' logs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra, PYTHONPATH=os.pathsep.join(
+        [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = [tmp_path / f"log_{r}.txt" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, script, "--worker", str(r), str(port), str(tmp_path)],
+                env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(root)))
+    rcs = []
+    try:
+        for p in procs:
+            try:
+                rcs.append(p.wait(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                rcs.append(f"killed after {timeout} s")
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    files = [tmp_path / name for name in results]
+    if rcs != [0] * world or not all(f.exists() for f in files):
+        pytest.fail(f"workers exited with {rcs}:\n" + "\n---\n".join(
+            x.read_text()[-4000:] for x in logs))
+    return [torch.load(f) for f in files]

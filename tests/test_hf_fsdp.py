@@ -14,14 +14,11 @@ is also the worker: ``python test_hf_fsdp.py --worker RANK PORT OUT``."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 OPTIONS = dict(td_weight=0.3, gamma=0.9)
 CASES = ("accelerate", "head_unit")
@@ -117,41 +114,16 @@ def _case(case: str, rank: int, out: Path) -> None:
 import pytest  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_matches_single_process(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    from _hf import assert_grads_close
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    port = _free_port()
-    logs = [tmp_path / f"log_{r}.txt" for r in range(WORLD)]
-    procs = []
-    for r in range(WORLD):
-        with open(logs[r], "w") as f:
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(r), str(port), str(tmp_path)],
-                env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT)))
-    try:
-        rcs = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = [tmp_path / f"{case}.pt" for case in CASES]
-    if rcs != [0] * WORLD or not all(r.exists() for r in results):
-        pytest.fail(f"workers exited with {rcs}:\n" + "\n---\n".join(
-            x.read_text()[-3000:] for x in logs))
+    from _hf import assert_grads_close, launch_workers
+    results = launch_workers(__file__, WORLD, tmp_path, [f"{case}.pt" for case in CASES],
+                             timeout=240)
     want_loss, want_grads = single_process()
-    for case, result in zip(CASES, results):
-        got = torch.load(result)
+    for case, got in zip(CASES, results):
         torch.testing.assert_close(got["loss"], want_loss, rtol=1e-5, atol=1e-6, msg=case)
         assert_grads_close(got["grads"], want_grads, rtol=1e-4)
 

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 OPTIONS = dict(td_weight=0.3, gamma=0.9)
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -56,41 +53,14 @@ def _worker(rank: int, port: int, out: Path) -> None:
     torch.distributed.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_zero3_matches_single_process(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("deepspeed")
-    from _hf import assert_grads_close
+    from _hf import assert_grads_close, launch_workers
     from test_hf_fsdp import single_process
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    port = _free_port()
-    logs = [tmp_path / f"log_{r}.txt" for r in range(WORLD)]
-    procs = []
-    for r in range(WORLD):
-        with open(logs[r], "w") as f:
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(r), str(port), str(tmp_path)],
-                env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT)))
-    try:
-        rcs = [p.wait(timeout=900) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    result = tmp_path / "zero3.pt"
-    if rcs != [0] * WORLD or not result.exists():
-        pytest.fail(f"workers exited with {rcs}:\n" + "\n---\n".join(
-            x.read_text()[-4000:] for x in logs))
-    got = torch.load(result)
+    env = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
+    got, = launch_workers(__file__, WORLD, tmp_path, ["zero3.pt"], timeout=900, **env)
     want_loss, want_grads = single_process()
     torch.testing.assert_close(got["loss"], want_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(got["grads"], want_grads, rtol=1e-4)
