@@ -112,7 +112,7 @@ class IQConfig(SFTConfig):
             raise ValueError(f"td_weight_warmup_steps must be >= 0, got "
                              f"{self.td_weight_warmup_steps}")
         super().__post_init__()
-        if self.loss_type not in ("nll", "chunked_nll"):      # TRL < 1.9 calls it chunked_nll
+        if self.loss_type not in ("nll", "chunked_nll"):      # chunked_nll: older TRL's NLL
             raise ValueError(f"loss_type={self.loss_type!r} selects one of TRL's own losses; IQConfig "
                              f"trains the IQ-Learn loss (td_weight=0 is the NLL). Leave loss_type at "
                              f"'nll'.")
