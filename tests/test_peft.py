@@ -122,3 +122,13 @@ def test_iq_trainer_names_the_alternatives_to_lora_on_the_head(tmp_path):
     with pytest.raises(ValueError, match="(?s)LoRA on the LM head.*modules_to_save.*apply_fastirl"):
         IQTrainer(tiny_llama(), args, train_dataset=train, processing_class=tokenizer(),
                   peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+
+
+def test_sharded_head_with_an_adapter_is_refused():
+    """A head that must be gathered through its own forward (ZeRO-3 weight, or an
+    FSDP2 unit) and carries a PEFT adapter: a clear error, not a wrong loss."""
+    model = peft.get_peft_model(tiny_llama(), lora(target_modules=["lm_head"]))
+    apply_fastirl(model, backend="torch")
+    model.get_base_model().lm_head.base_layer.weight.ds_id = 0     # as ZeRO-3 marks it
+    with pytest.raises(TypeError, match="sharded.*PEFT adapter"):
+        model(**padded_batch())
