@@ -41,6 +41,7 @@ import argparse
 import collections
 import copy
 import dataclasses
+import gc
 import importlib.util
 import json
 import math
@@ -49,6 +50,7 @@ import platform
 import random
 import re
 import statistics
+import sys
 import tempfile
 import time
 
@@ -578,7 +580,7 @@ def train_setting(setting: dict, base, tok, train_ds, curve_set, eval_model, cfg
 
     from fastirl.integrations import IQConfig, IQTrainer
 
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base) if cfg["jobs"] <= 1 else base
     problems, prompts = curve_set
     curve = {"step": [], "greedy_acc": [], "loss": [], "nll": [], "td_penalty": [],
              "log_step": []}
@@ -848,7 +850,10 @@ def run_task(task: str, cfg: dict, part: str) -> str:
 
     if "model" not in _LOADED:
         _LOADED["model"], _LOADED["tok"] = load_model()
-    base, tok = _LOADED["model"], _LOADED["tok"]
+        gc.collect()
+    tok = _LOADED["tok"]
+    # A worker process runs one task: it may consume the loaded model (saves its memory).
+    base = _LOADED.pop("model") if cfg["jobs"] > 1 else _LOADED["model"]
     base.eval()
     train, test = data(cfg)
     curve_set = (test[:cfg["n_curve"]], prompt_ids(tok, test[:cfg["n_curve"]]))
@@ -955,18 +960,18 @@ def main(argv: list[str] | None = None) -> None:
                n_greedy=a.n_greedy, n_sample=a.n_sample, k=a.k,
                temperatures=[float(t) for t in a.temperatures.split(",")],
                max_new_tokens=a.max_new_tokens, gen_batch=a.gen_batch, seed=a.seed,
-               max_length=256, smoke=a.smoke, device=device, threads=a.threads,
+               max_length=256, smoke=a.smoke, device=device, threads=a.threads, jobs=a.jobs,
                resource_td_weight=0.01, resource_steps=2 if a.smoke else 4,
                backend=resolve_backend(a.backend, torch.device("cuda" if torch.cuda.is_available()
                                                                else "cpu")).name,
                versions={"torch": torch.__version__, "transformers": transformers.__version__,
                          "trl": importlib.import_module("trl").__version__,
                          "python": platform.python_version()},
-               command="python examples/smollm2_reasoning.py" +
-                       (" " + " ".join(argv) if argv else ""))
+               command=" ".join(["python examples/smollm2_reasoning.py",
+                                 *(sys.argv[1:] if argv is None else argv)]))
     tasks = ([s for s in a.settings.split(",")] if a.settings != "all"
              else [str(i) for i in range(len(SETTINGS))])
-    tasks = tasks[:3] + ["base", "resources"] + tasks[3:]   # the required settings first
+    tasks = ["base", "resources"] + tasks      # the short tasks first
     os.makedirs(parts, exist_ok=True)
     for name in os.listdir(parts):
         os.remove(os.path.join(parts, name))

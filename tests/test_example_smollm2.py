@@ -99,7 +99,7 @@ def test_diversity_metrics():
     assert math.isclose(example.self_bleu(same), 1.0)
     assert example.distinct_n(same, 2) == 4 / 12
     different = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
-    assert example.self_bleu(different) < 0.01
+    assert example.self_bleu(different) < 0.05     # only the smoothing of zero counts
     assert example.distinct_n(different, 3) == 1.0
     d = example.diversity([same], [["= 1 = 2 #### 2", "= 1 = 2 #### 2", "= 3 #### 3"]],
                           [[True, True, False]])
