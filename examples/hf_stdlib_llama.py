@@ -261,7 +261,9 @@ def run(name: str, kind: str, options: dict, cfg: dict, data_path: str) -> dict:
         trainer = transformers.Trainer(model, args, train_dataset=Blocks())
     else:
         args = IQConfig(**common, fused_loss=(kind == "iq"), loss_backend=cfg["backend"],
-                        td_weight=options.get("td_weight", cfg["td_weight"]))
+                        td_weight=options.get("td_weight", cfg["td_weight"]),
+                        bf16=False, gradient_checkpointing=False)   # as the HF run (TRL's
+        # SFTConfig, IQConfig's base, defaults to bf16 autocast and checkpointing)
         trainer = IQTrainer(model, args, train_dataset=Blocks())
     trainer.add_callback(Monitor())
     trainer.callback_handler.callbacks = [     # our progress bar instead of the log dumps

@@ -88,7 +88,8 @@ def _worker(rank, port, out_dir):
                     per_device_train_batch_size=2, gradient_accumulation_steps=2,
                     optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
                     lr_scheduler_type="constant", train_sampling_strategy="sequential",
-                    dataloader_num_workers=0, seed=0, loss_backend="torch", **OPTIONS)
+                    dataloader_num_workers=0, seed=0, loss_backend="torch", bf16=False,
+                    gradient_checkpointing=False, **OPTIONS)
     trainer = IQTrainer(model, args, train_dataset=ListDataset(rows))
     assert trainer.accelerator.num_processes == WORLD
     before = {k: p.detach().clone() for k, p in model.named_parameters()}

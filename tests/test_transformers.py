@@ -1,4 +1,4 @@
-"""Hugging Face integration: apply_fastirl, IQTrainer, extract_rewards.
+"""Hugging Face integration: apply_fastirl, extract_rewards, online IQTrainer.
 
 Every model is built tiny from a config (no download).  References are the
 naive implementation on the model's own logits (fastirl.reference)."""
@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
 
 import fastirl  # noqa: E402
 from fastirl import reference  # noqa: E402
@@ -93,7 +93,7 @@ def assert_grads_close(got, want, rtol=1e-4):
 
 def config(tmp_path, **kwargs):
     defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
-                    loss_backend=BACKEND,
+                    loss_backend=BACKEND, bf16=False, gradient_checkpointing=False,
                     disable_tqdm=True, per_device_train_batch_size=4, max_steps=1,
                     dataloader_num_workers=0, seed=0)
     return IQConfig(**{**defaults, **kwargs})
@@ -112,6 +112,16 @@ class ListDataset(torch.utils.data.Dataset):
 
 def rows_of(b):
     return [{k: v[i] for k, v in b.items()} for i in range(b["input_ids"].shape[0])]
+
+
+def iq_trainer(model, args, rows=None):
+    """IQTrainer (TRL) on pre-tokenized rows (unpadded lists: TRL's collator pads)."""
+    from _hf import tokenizer
+    rows = rows or _padded_rows(n=2)
+    data = datasets.Dataset.from_list([
+        {"input_ids": r["input_ids"][r["attention_mask"].bool()].tolist(),
+         "labels": r["labels"][r["attention_mask"].bool()].tolist()} for r in rows])
+    return IQTrainer(model, args, train_dataset=data, processing_class=tokenizer())
 
 
 # ----------------------------------------------------------------------------- apply_fastirl
@@ -278,58 +288,8 @@ def test_unsupported_models_raise_clearly(make):
     assert not is_fastirl_applied(model)
 
 
-# ----------------------------------------------------------------------------- IQTrainer
-
-
-def test_trainer_loss_and_grads_equal_iq_loss(tmp_path):
-    model, b = tiny(), batch()
-    trainer = IQTrainer(model, config(tmp_path, **OPTIONS))
-    model.train()
-    n_local = int((b["labels"][:, 1:] != -100).sum())
-    N = torch.tensor(n_local + 7)                      # e.g. a larger accumulated count
-    loss, out = trainer.compute_loss(model, b, return_outputs=True, num_items_in_batch=N)
-    assert out.logits is None and set(out.iq_metrics) >= {"nll", "td_penalty", "reward"}
-    loss.backward()
-    got = grads(model)
-    model.zero_grad()
-
-    # The same through fastirl.iq_loss on the model's hidden states and head weight.
-    hidden = model.model(input_ids=b["input_ids"],
-                         attention_mask=b["attention_mask"]).last_hidden_state
-    want = fastirl.iq_loss(hidden, model.lm_head.weight, shift_labels(b["labels"]),
-                           num_items_in_batch=N, backend=BACKEND, **OPTIONS)
-    torch.testing.assert_close(loss, want)
-    want.backward()
-    assert_grads_close(got, grads(model), rtol=1e-5)
-    # ... and the naive reference; num_items_in_batch only rescales.
-    unapply_fastirl(model)
-    ref = reference_loss(model, b, **OPTIONS) * n_local / N.item()
-    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
-
-
-def test_trainer_logs_metrics_per_logging_interval(tmp_path, monkeypatch):
-    seen = []
-    real = fastirl.iq_loss
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        seen.append({k: float(v) for k, v in out[1].items()})
-        return out
-
-    monkeypatch.setattr(fastirl, "iq_loss", spy)
-    model = tiny()
-    b = batch(B=4, T=10)
-    args = config(tmp_path, max_steps=4, per_device_train_batch_size=2, logging_steps=2,
-                  train_sampling_strategy="sequential", **OPTIONS)
-    trainer = IQTrainer(model, args, train_dataset=ListDataset(rows_of(b)))
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h and "nll" in h]
-    assert len(logs) == 2 and len(seen) == 4
-    for i, log in enumerate(logs):
-        for key, name in (("nll", "nll"), ("td_penalty", "td_penalty"),
-                          ("accuracy", "token_accuracy"), ("entropy", "entropy")):
-            mean = (seen[2 * i][key] + seen[2 * i + 1][key]) / 2
-            assert math.isclose(log[name], mean, rel_tol=1e-5, abs_tol=1e-6), (name, log, mean)
+# ----------------------------------------------------------------------------- Trainer
+# IQTrainer (TRL) is tested in tests/test_trl.py.
 
 
 def _padded_rows(n=8, T=12, seed=5):
@@ -346,44 +306,6 @@ def _padded_rows(n=8, T=12, seed=5):
     return rows
 
 
-def _one_sgd_step(tmp_path, rows, **kwargs):
-    model = tiny()
-    args = config(tmp_path, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-                  train_sampling_strategy="sequential", weight_decay=0.0, **OPTIONS, **kwargs)
-    trainer = IQTrainer(model, args, train_dataset=ListDataset(rows))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.train()
-    return {n: before[n] - p.detach() for n, p in model.named_parameters()}
-
-
-def test_gradient_accumulation_matches_full_batch(tmp_path):
-    """GA 4 x 2 sequences of different lengths == one batch of 8: the loss is
-    normalised by the token count of the whole accumulated batch."""
-    rows = _padded_rows()
-    full = _one_sgd_step(tmp_path, rows, per_device_train_batch_size=8)
-    accum = _one_sgd_step(tmp_path, rows, per_device_train_batch_size=2,
-                          gradient_accumulation_steps=4)
-    assert_grads_close(accum, full, rtol=1e-4)
-    # Sanity: the update is the gradient of the full-batch IQ loss.
-    model = tiny()
-    b = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    apply_fastirl(model, backend=BACKEND, **OPTIONS)
-    model.train()
-    model(**b).loss.backward()
-    assert_grads_close(full, grads(model), rtol=1e-4)
-
-
-def test_bf16_trainer_step(tmp_path):
-    rows = _padded_rows(n=4)
-    args = config(tmp_path, bf16=True, per_device_train_batch_size=4, logging_steps=1, **OPTIONS)
-    model = tiny()
-    trainer = IQTrainer(model, args, train_dataset=ListDataset(rows))
-    trainer.train()
-    log = trainer.state.log_history[0]
-    assert math.isfinite(log["loss"]) and math.isfinite(log["nll"])
-    assert model.lm_head.weight.dtype == torch.float32
-
-
 def test_plain_trainer_trains_a_patched_model(tmp_path):
     """Any loop works unchanged: a vanilla transformers.Trainer on a patched model
     reports the IQ loss."""
@@ -396,27 +318,10 @@ def test_plain_trainer_trains_a_patched_model(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
         disable_tqdm=True, per_device_train_batch_size=4, max_steps=1, logging_steps=1,
-        learning_rate=1e-9, train_sampling_strategy="sequential")
+        learning_rate=1e-9)
     trainer = transformers.Trainer(model, args, train_dataset=ListDataset(rows))
     trainer.train()
     assert math.isclose(trainer.state.log_history[0]["loss"], want, rel_tol=1e-4)
-
-
-def test_trainer_errors(tmp_path):
-    with pytest.raises(ValueError, match="online_mix"):
-        config(tmp_path, online_mix=-1)
-    with pytest.raises(ValueError, match="td_weight"):
-        config(tmp_path, td_weight=-1.0)
-    with pytest.raises(TypeError, match="IQConfig"):
-        IQTrainer(tiny(), transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[]))
-    trainer = IQTrainer(tiny(), config(tmp_path))
-    b = batch()
-    del b["labels"]
-    with pytest.raises(ValueError, match="labels"):
-        trainer.compute_loss(trainer.model, b)
-    with pytest.raises(TypeError, match="LM head"):
-        IQTrainer(transformers.LlamaModel(transformers.LlamaConfig(**_LLAMA_LIKE)),
-                  config(tmp_path))
 
 
 # ----------------------------------------------------------------------------- online mode
@@ -432,8 +337,8 @@ def test_online_mode_mixes_policy_samples(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fastirl, "iq_loss", spy)
     model = tiny()
-    trainer = IQTrainer(model, config(tmp_path, online_mix=1.0, online_every=2, max_new_tokens=4,
-                                      **OPTIONS))
+    trainer = iq_trainer(model, config(tmp_path, online_mix=1.0, online_every=2, max_new_tokens=4,
+                                       **OPTIONS))
     generated = []
     real_generate = model.generate
 
@@ -499,7 +404,7 @@ def test_online_trainer_runs_with_accumulation(tmp_path):
     args = config(tmp_path, online_mix=0.5, online_every=1, max_new_tokens=3, max_steps=2,
                   per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1,
                   **OPTIONS)
-    trainer = IQTrainer(tiny(), args, train_dataset=ListDataset(rows))
+    trainer = iq_trainer(tiny(), args, rows)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "online_samples" in h]
     assert len(logs) == 2

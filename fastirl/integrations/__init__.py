@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _TRANSFORMERS = ("IQConfig", "IQTrainer", "IQCausalLMOutput", "apply_fastirl", "unapply_fastirl",
-                 "is_fastirl_applied", "extract_rewards", "global_num_items")
+                 "is_fastirl_applied", "set_loss_options", "extract_rewards", "global_num_items")
 
 __all__ = list(_TRANSFORMERS)
 

@@ -1,10 +1,10 @@
-"""``IQConfig``: ``transformers.TrainingArguments`` with the IQ-Learn options."""
+"""``IQConfig``: TRL's ``SFTConfig`` with the IQ-Learn options."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from trl import SFTConfig
 
 from fastirl.objective import DIVERGENCES, TD_ROWS, VALUE_TERMS, IQOptions
 
@@ -12,14 +12,18 @@ __all__ = ["IQConfig"]
 
 
 @dataclass
-class IQConfig(TrainingArguments):
-    r"""Training arguments of :class:`IQTrainer`: every ``transformers.TrainingArguments``
-    field plus the IQ-Learn loss options (see ``shared/spec/iq-objective.md``).
+class IQConfig(SFTConfig):
+    r"""Training arguments of :class:`IQTrainer`: every field of TRL's ``SFTConfig``
+    (datasets, chat templates, ``completion_only_loss``, ``assistant_only_loss``,
+    ``packing``, ``padding_free``, ``model_init_kwargs``, and all of
+    ``transformers.TrainingArguments``) plus the IQ-Learn loss options (the
+    objective is described in ``docs/objective.md``).
 
     With ``td_weight=0`` and ``temperature=1`` the loss is the usual token
     cross-entropy (MLE).  ``online_mix > 0`` switches to online IQ-Learn: every
     ``online_every`` optimizer steps completions are sampled from the current
     policy for the batch's prompts and mixed in as non-expert sequences.
+    ``loss_type`` must stay TRL's NLL (the IQ loss replaces it).
     """
 
     # ---- objective
@@ -49,6 +53,10 @@ class IQConfig(TrainingArguments):
         default=None,
         metadata={"help": "Final logit soft-cap c: z <- c tanh(z / c). Default: the model "
                           "config's final_logit_softcapping (Gemma 2), else none."})
+    td_weight_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Raise the TD weight linearly from 0 to `td_weight` over this many "
+                          "optimizer steps (0: no warm-up)."})
     # ---- implementation
     fused_loss: bool = field(
         default=True,
@@ -60,6 +68,11 @@ class IQConfig(TrainingArguments):
         default="default", metadata={"help": "fastirl precision preset: 'default', 'fast', 'highest'."})
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Rows per fastirl chunk (default: from a memory budget)."})
+    eval_logits: bool = field(
+        default=False,
+        metadata={"help": "Return the (tokens x vocab) logits from evaluation and prediction, for "
+                          "`compute_metrics` and `predict()`. Off by default: they cost the memory "
+                          "the fused loss saves."})
     # ---- online IQ-Learn
     online_mix: float = field(
         default=0.0,
@@ -79,8 +92,9 @@ class IQConfig(TrainingArguments):
     online_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (default: off)."})
     online_prompt_length: int | None = field(
         default=None,
-        metadata={"help": "A sequence's prompt is its tokens before the first label; with fully "
-                          "labelled text it is at least this many leading tokens (default 1)."})
+        metadata={"help": "Prompts of online sampling come from the dataset's `prompt` column, or "
+                          "a conversation's messages up to its last user turn; for plain text they "
+                          "are the tokens before the first label, at least this many (default 1)."})
 
     def __post_init__(self):
         IQOptions(gamma=self.gamma, td_weight=self.td_weight, temperature=self.temperature,
@@ -94,7 +108,17 @@ class IQConfig(TrainingArguments):
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.online_prompt_length is not None and self.online_prompt_length < 1:
             raise ValueError(f"online_prompt_length must be >= 1, got {self.online_prompt_length}")
+        if self.td_weight_warmup_steps < 0:
+            raise ValueError(f"td_weight_warmup_steps must be >= 0, got "
+                             f"{self.td_weight_warmup_steps}")
         super().__post_init__()
+        if self.loss_type not in ("nll", "chunked_nll"):      # chunked_nll: older TRL's NLL
+            raise ValueError(f"loss_type={self.loss_type!r} selects one of TRL's own losses; IQConfig "
+                             f"trains the IQ-Learn loss (td_weight=0 is the NLL). Leave loss_type at "
+                             f"'nll'.")
+        if self.label_smoothing_factor:
+            raise ValueError("label_smoothing_factor is not supported by the IQ-Learn loss; set it "
+                             "to 0")
 
     def loss_options(self) -> dict:
         """Options for :func:`apply_fastirl` / :func:`fastirl.iq_loss`."""

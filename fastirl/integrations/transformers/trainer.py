@@ -1,162 +1,269 @@
-"""``IQTrainer``: a ``transformers.Trainer`` that trains a causal LM with IQ-Learn."""
+"""``IQTrainer``: TRL's ``SFTTrainer`` with the IQ-Learn loss fused with the LM head."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, Trainer
+from transformers import GenerationConfig
+from trl import SFTTrainer
 
 from .config import IQConfig
-from .patch import apply_fastirl, last_metrics
+from .patch import apply_fastirl, router_aux_loss_coef, set_loss_options
 
-__all__ = ["IQTrainer"]
+__all__ = ["IQTrainer", "mix_batches"]
 
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "done")
+# Dataset columns IQTrainer keeps next to TRL's (input_ids, labels, seq_lengths).
+_IQ_COLUMNS = ["prompt_ids", "is_expert", "done"]
+# Metrics logged token-weighted (mean over the action tokens of the logging interval).
+_METRIC_NAMES = {"nll": "nll", "td_penalty": "td_penalty", "reward": "reward", "value": "value",
+                 "entropy": "entropy", "accuracy": "mean_token_accuracy"}
 
 
-class IQTrainer(Trainer):
-    """Trains a causal LM with the IQ-Learn loss fused with its LM head.
+class IQTrainer(SFTTrainer):
+    """TRL's ``SFTTrainer`` training the IQ-Learn loss instead of cross-entropy.
 
-    The model is patched with :func:`apply_fastirl` (options from the
-    :class:`IQConfig`), so ``compute_loss`` runs the backbone for the final
-    hidden states and :func:`fastirl.iq_loss` on ``get_output_embeddings()``'s
-    weight and bias: no (tokens x vocab) logits.  The batch needs ``input_ids``
-    and token-aligned HF ``labels`` (-100 = not an action: prompt, padding);
-    optional ``attention_mask``, ``position_ids`` (packed sequences),
-    ``is_expert`` ((B,) bool) and ``done`` ((B, T) bool terminal actions).
+    Switching from SFT is a change of class names: ``SFTTrainer`` ->
+    ``IQTrainer``, ``SFTConfig`` -> :class:`IQConfig`.  TRL does everything but
+    the loss: model loading (``model_init_kwargs``), every dataset format
+    (text, prompt/completion, conversational ``messages`` with the chat
+    template), ``completion_only_loss`` / ``assistant_only_loss`` (they choose
+    the *action* tokens of the objective: labels -100 are not actions),
+    ``packing`` / ``padding_free`` (``position_ids`` separate the sequences:
+    no value is bootstrapped across them), ``peft_config``, the collator.
 
-    * Gradient accumulation and DDP: the loss is normalised by the Trainer's
-      ``num_items_in_batch`` (action tokens of the whole accumulated batch,
-      summed over ranks with ``average_tokens_across_devices``).  In online mode
-      the expert and sampled rows have different normalisers (see the spec), so
-      each micro-batch is normalised by its own counts instead.
-    * Logs the IQ metrics (nll, td_penalty, reward, value, entropy,
-      token_accuracy; eval_* in evaluation) averaged over each logging interval.
-    * Evaluation returns the loss and metrics only: there are no logits.
+    The model is patched with :func:`apply_fastirl` (options from the config),
+    so the loss runs the backbone for the final hidden states and
+    :func:`fastirl.iq_loss` on the LM head's weight: no (tokens x vocab)
+    logits.  Optional dataset columns: ``is_expert`` (bool per example) and
+    ``done`` (token-aligned bool list, terminal actions; not with packing).
+    Pre-tokenized data (``input_ids`` and ``labels``, -100 = not an action) may
+    also come as a ``torch.utils.data.Dataset`` of dicts, and then needs no
+    ``processing_class`` (only the pad id, from the model config, is used).
+
+    * Gradient accumulation and data parallelism: the loss is normalised by
+      the Trainer's ``num_items_in_batch`` (action tokens of the accumulated
+      batch over all ranks).  With non-expert rows (online mode, or an
+      ``is_expert`` column) expert and non-expert rows have different
+      normalisers, so each micro-batch is normalised by its own.
+    * Logged (TRL-style, token-weighted over each logging interval and over
+      ranks): ``nll``, ``td_penalty``, ``reward``, ``value``, ``entropy``,
+      ``mean_token_accuracy``, ``num_tokens`` (``eval_*`` in evaluation), and
+      ``td_weight`` during a ``td_weight_warmup_steps`` warm-up; MoE models:
+      ``aux_loss``; online mode: ``online_samples``, ``online_sample_tokens``.
+    * Evaluation returns the loss and metrics; with ``eval_logits=True`` also
+      the logits (for ``compute_metrics`` / ``predict``).
+    * Online mode (``online_mix > 0``) samples completions for each example's
+      real prompt: the dataset's ``prompt``, or a conversation's messages up to
+      its last user turn (with the generation prompt), else the tokens before
+      the first label.
     """
 
-    _tag_names = ["fastirl", "iq-learn"]
+    _tag_names = ["trl", "sft", "fastirl", "iq-learn"]
+    _name = "IQ"
 
-    def __init__(self, model: nn.Module | str | None = None, args: IQConfig | None = None,
-                 *pargs, **kwargs):
-        if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(model)
-        if model is None:
-            raise ValueError("IQTrainer needs a causal LM model")
+    def __init__(self, model, args: IQConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None,
+                 compute_loss_func=None, peft_config=None, **kwargs):
+        """Arguments as ``trl.SFTTrainer`` (``compute_metrics``, ``callbacks``,
+        ``optimizers``, ``formatting_func``... go to it unchanged); ``args`` must
+        be an :class:`IQConfig`."""
         if args is None:
             args = IQConfig(output_dir="iq_output")
         elif not isinstance(args, IQConfig):
-            raise TypeError(f"args must be an IQConfig (a TrainingArguments subclass with the IQ "
-                            f"options), got {type(args).__name__}")
-        apply_fastirl(model, fused=args.fused_loss, return_metrics=True, **args.loss_options())
-        super().__init__(model, args, *pargs, **kwargs)
-        # The patched forward accepts num_items_in_batch: let the Trainer count tokens.
+            raise TypeError(f"args must be an IQConfig (TRL's SFTConfig with the IQ options), got "
+                            f"{type(args).__name__}")
+        if compute_loss_func is not None:
+            raise TypeError("IQTrainer trains the IQ-Learn loss: compute_loss_func is not "
+                            "supported (subclass IQTrainer to change the loss)")
+        if args.online_mix > 0 and (args.packing or args.padding_free):
+            raise ValueError("online_mix > 0 does not support packing / padding_free: sampled "
+                             "completions are mixed in as separate padded rows")
+        _refuse_lora_on_head(peft_config)
+        train_dataset, eval_dataset = _hf_dataset(train_dataset), _hf_dataset(eval_dataset)
+        if processing_class is None and isinstance(model, nn.Module) and _pretokenized(train_dataset):
+            processing_class = _pad_only_tokenizer(model)
+        self._online_prompts = args.online_mix > 0
+        if peft_config is not None:
+            kwargs["peft_config"] = peft_config
+        super().__init__(model, args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # After SFTTrainer, whose fused LM head (NLL) wraps the forward: fastirl's is outermost.
+        apply_fastirl(self.model, fused=args.fused_loss, return_metrics=True,
+                      **args.loss_options())
+        # The patched forward takes num_items_in_batch: let the Trainer count tokens.
         self.model_accepts_loss_kwargs = True
-        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
-            "train": defaultdict(list), "eval": defaultdict(list)}
+        if _has_iq_columns(self.train_dataset, self.eval_dataset):
+            self.data_collator = _IQCollator(self.data_collator)
+        self._iq_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._online_samples: dict[str, torch.Tensor] | None = None
-        self._online_step: int | None = None
+
+    # ------------------------------------------------------------------ data
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func,
+                         dataset_name):
+        if (getattr(self, "_online_prompts", False) and dataset_name == "train"
+                and "input_ids" not in (dataset.column_names or [])):
+            dataset = dataset.map(_prompt_ids, fn_kwargs={
+                "tokenizer": processing_class, "chat_template": getattr(self, "chat_template", None)})
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func,
+                                        dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(self._signature_columns) + [
+            c for c in _IQ_COLUMNS if c not in self._signature_columns]
 
     # ------------------------------------------------------------------ the loss
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        training = model.training
+        mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
+        prompts = inputs.pop("prompt_ids", None)
         if inputs.get("labels") is None and inputs.get("shift_labels") is None:
-            raise ValueError("IQTrainer needs token-aligned `labels` in the batch (-100 on "
-                             "tokens that are not actions); use e.g. "
-                             "DataCollatorForLanguageModeling(tokenizer, mlm=False)")
-        online = training and self.args.online_mix > 0
+            raise ValueError("IQTrainer needs token-aligned `labels` in the batch (-100 on tokens "
+                             "that are not actions)")
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        online = mode == "train" and self.args.online_mix > 0
         if online and inputs.get("labels") is None:
-            raise ValueError("online IQ-Learn needs `labels` (not only shift_labels) to find "
-                             "the prompts")
+            raise ValueError("online IQ-Learn needs `labels` (not only shift_labels)")
+        self._warm_up()
         counted = num_items_in_batch is not None
         if online:
-            inputs = self._mix_online(model, inputs)
-            num_items_in_batch = None          # per-micro-batch N_E and N_all (see class doc)
-        outputs = self._iq_forward(model, inputs, num_items_in_batch)
-        loss = outputs["loss"]
-        self._record(outputs, "train" if training else "eval")
-        if online:
-            self._record_online(inputs)
-        if training and counted:
-            # With num_items_in_batch the Trainer takes the loss as already scaled for
-            # gradient accumulation (it does not divide it by the number of steps).
-            if online:       # a per-micro-batch mean: scale it here
-                loss = loss / getattr(self, "current_gradient_accumulation_steps",
-                                      self.args.gradient_accumulation_steps)
-            elif self.args.average_tokens_across_devices:
-                # Sum over this rank's tokens / global count; DDP averages gradients over ranks.
-                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1
-                               else self.args.n_gpu)
-        return (loss, outputs) if return_outputs else loss
-
-    def _iq_forward(self, model, inputs, num_items_in_batch):
-        """The single call of the loss: the (possibly DDP-wrapped) patched model."""
+            inputs = self._mix_online(model, inputs, prompts)
+        # Expert and non-expert rows have different normalisers (N_E, N_all): the
+        # Trainer's single token count cannot stand for both, so normalise per micro-batch.
+        per_batch = inputs.get("is_expert") is not None
+        if per_batch:
+            num_items_in_batch = None
         kwargs = {"return_metrics": True}
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
-        return model(**inputs, **kwargs)
+        if return_outputs and self.args.eval_logits:
+            kwargs["return_logits"] = True
+        outputs = model(**inputs, **kwargs)
+        loss = outputs["loss"]
+        aux = outputs.get("aux_loss")
+        weighted_aux = None
+        if aux is not None:     # the patch added it as the model does; TRL's coef, scaled below
+            loss = loss - router_aux_loss_coef(model) * aux.to(loss.device)
+            if self.aux_loss_enabled:
+                weighted_aux = self.router_aux_loss_coef * aux.to(loss.device)
+        if mode == "train" and counted:
+            # With num_items_in_batch the Trainer takes the loss as already scaled for
+            # gradient accumulation (it does not divide it by the number of steps).
+            steps = getattr(self, "current_gradient_accumulation_steps",
+                            self.args.gradient_accumulation_steps)
+            if per_batch:                       # a per-micro-batch mean: scale it here
+                loss = loss / steps
+            elif self.args.average_tokens_across_devices:
+                # Sum over this rank's tokens / global count; DDP averages gradients over ranks.
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            if weighted_aux is not None:
+                weighted_aux = weighted_aux / steps
+        if weighted_aux is not None:
+            loss = loss + weighted_aux
+        self._record(outputs, inputs, mode, online)
+        return (loss, outputs) if return_outputs else loss
+
+    def _warm_up(self) -> None:
+        steps = self.args.td_weight_warmup_steps
+        if steps > 0:
+            frac = min(1.0, self.state.global_step / steps) if self.model.training else 1.0
+            set_loss_options(self.model, td_weight=self.args.td_weight * frac)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only or not self.args.eval_logits:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), outputs.logits, inputs.get("labels")
 
     # ------------------------------------------------------------------ metrics
 
-    def _record(self, outputs, mode: str) -> None:
-        metrics = outputs.get("iq_metrics") if hasattr(outputs, "get") else None
-        if metrics is None:
-            metrics = last_metrics(self.model)
-        if not metrics:
-            return
-        names = {"accuracy": "token_accuracy"}
-        for key, value in metrics.items():
-            self._metrics[mode][names.get(key, key)].append(value.detach().float().reshape(()))
-
-    def _record_online(self, inputs) -> None:
-        flags = inputs["is_expert"]
-        sampled = ~flags
-        labels = inputs["labels"]
-        tokens = (labels[sampled, 1:] != -100).sum(dim=1).float()
-        self._metrics["train"]["online_samples"].append(sampled.sum().float())
-        if tokens.numel():
-            self._metrics["train"]["online_sample_tokens"].append(tokens.mean())
+    def _record(self, outputs, inputs, mode: str, online: bool) -> None:
+        sums = self._iq_sums[mode]
+        metrics = outputs.get("iq_metrics")
+        if metrics:
+            n = metrics["num_actions"].detach().float()
+            for key, name in _METRIC_NAMES.items():
+                sums[name] += metrics[key].detach().float() * n
+            sums["_actions"] += n
+        aux = outputs.get("aux_loss")
+        if aux is not None:
+            sums["aux_loss"] += aux.detach().float()
+            sums["_calls"] += 1.0
+        if mode == "train":
+            if "attention_mask" in inputs and not online:
+                tokens = inputs["attention_mask"].sum()
+            elif "attention_mask" in inputs:
+                tokens = inputs["attention_mask"][inputs["is_expert"]].sum()
+            else:
+                tokens = torch.tensor(inputs["input_ids"].numel())
+            self._total_train_tokens += int(
+                self.accelerator.gather_for_metrics(tokens.reshape(1).to(self.args.device)).sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            if self.args.td_weight_warmup_steps > 0:
+                self._metrics[mode]["td_weight"] = [
+                    self.args.td_weight * min(1.0, self.state.global_step
+                                              / self.args.td_weight_warmup_steps)]
+        if online:
+            sampled = ~inputs["is_expert"]
+            sample_tokens = (inputs["labels"][sampled, 1:] != -100).sum(dim=1).float()
+            sums["online_samples"] += sampled.sum().float()
+            sums["online_sample_tokens"] += sample_tokens.sum()
+            sums["_online_steps"] += 1.0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        stored = self._metrics[mode]
-        if stored:
-            keys = sorted(stored)
+        mode = "train" if self.model.training else "eval"
+        sums = self._iq_sums[mode]
+        if sums:
+            keys = sorted(sums)
             device = self.args.device
-            means = torch.stack([torch.stack(stored[k]).mean().to(device) for k in keys])
-            if self.accelerator.num_processes > 1:
-                means = self.accelerator.reduce(means, reduction="mean")
+            values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).to(device).reshape(())
+                                  for k in keys])
+            values = self.accelerator.reduce(values, reduction="sum")
+            total = dict(zip(keys, values.tolist()))
             prefix = "eval_" if mode == "eval" else ""
-            logs = {**logs, **{prefix + k: v for k, v in zip(keys, means.tolist())}}
-            stored.clear()
+            actions = max(total.pop("_actions", 0.0), 1.0)
+            calls = max(total.pop("_calls", 0.0), 1.0)
+            online_steps = max(total.pop("_online_steps", 0.0), 1.0)
+            for name in _METRIC_NAMES.values():
+                if name in total:
+                    logs[prefix + name] = total.pop(name) / actions
+            if "aux_loss" in total:
+                logs[prefix + "aux_loss"] = total.pop("aux_loss") / calls
+            if "online_samples" in total:
+                samples = total.pop("online_samples")
+                logs["online_sample_tokens"] = total.pop("online_sample_tokens") / max(samples, 1.0)
+                logs["online_samples"] = samples / online_steps
+            sums.clear()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ online IQ-Learn
 
-    def _mix_online(self, model, inputs):
+    def _mix_online(self, model, inputs, prompts):
         step = self.state.global_step
         if self._online_samples is None or step % self.args.online_every == 0:
-            self._online_samples = self._sample(model, inputs)
-            self._online_step = step
+            self._online_samples = self._sample(model, inputs, prompts)
         return mix_batches(inputs, self._online_samples, pad_token_id=self._pad_id(model))
 
+    def _generation_config(self, model):
+        return getattr(self.accelerator.unwrap_model(model), "generation_config", None)
+
     def _pad_id(self, model) -> int:
-        unwrapped = self.accelerator.unwrap_model(model)
-        gen = getattr(unwrapped, "generation_config", None)
-        for value in (getattr(gen, "pad_token_id", None), getattr(gen, "eos_token_id", None)):
+        gen = self._generation_config(model)
+        candidates = (getattr(self.processing_class, "pad_token_id", None),
+                      getattr(gen, "pad_token_id", None), getattr(gen, "eos_token_id", None))
+        for value in candidates:
             if isinstance(value, (list, tuple)):
                 value = value[0] if value else None
             if value is not None:
@@ -164,47 +271,57 @@ class IQTrainer(Trainer):
         return 0
 
     def _eos_ids(self, model) -> list[int]:
-        unwrapped = self.accelerator.unwrap_model(model)
-        gen = getattr(unwrapped, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None)
+        eos = getattr(self._generation_config(model), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.processing_class, "eos_token_id", None)
         if eos is None:
             return []
         return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
-    @torch.no_grad()
-    def _sample(self, model, inputs) -> dict[str, torch.Tensor]:
-        """Completions of the current policy for the batch's prompts, as a batch of
-        token-aligned sequences with labels on the completion only."""
-        args = self.args
+    def _prompts(self, inputs, prompts) -> list[torch.Tensor]:
+        """One prompt per example: its ``prompt_ids`` (the real prompt), else the
+        tokens before its first label (at least ``online_prompt_length``)."""
         ids, labels = inputs["input_ids"], inputs["labels"]
         attn = inputs.get("attention_mask")
         B, T = ids.shape
-        n = max(1, round(args.online_mix * B))
-        prompts = []
-        for i in range(n):
-            b = i % B
+        out = []
+        for b in range(B):
+            given = None if prompts is None else prompts[b]
+            if given is not None and given.numel() > 0:
+                out.append(given.to(ids.device))
+                continue
             valid = attn[b].bool() if attn is not None else torch.ones(T, dtype=torch.bool,
                                                                         device=ids.device)
             acts = (labels[b, 1:] != -100).nonzero()
             first = int(acts[0]) + 1 if acts.numel() else int(valid.sum())
-            first = max(first, args.online_prompt_length or 1)
+            first = max(first, self.args.online_prompt_length or 1)
             prompt = ids[b, :first][valid[:first]]
-            if prompt.numel() == 0:
-                prompt = ids[b, valid][:1]
-            prompts.append(prompt)
+            out.append(prompt if prompt.numel() else ids[b, valid][:1])
+        return out
+
+    @torch.no_grad()
+    def _sample(self, model, inputs, prompts) -> dict[str, torch.Tensor]:
+        """Completions of the current policy for the batch's prompts, as a batch of
+        token-aligned sequences with labels on the completion only."""
+        args = self.args
+        ids = inputs["input_ids"]
+        all_prompts = self._prompts(inputs, prompts)
+        n = max(1, round(args.online_mix * ids.shape[0]))
+        chosen = [all_prompts[i % len(all_prompts)] for i in range(n)]
         pad = self._pad_id(model)
-        P = max(p.numel() for p in prompts)
+        P = max(p.numel() for p in chosen)
         prompt_ids = ids.new_full((n, P), pad)
         prompt_mask = torch.zeros(n, P, dtype=torch.long, device=ids.device)
-        for i, p in enumerate(prompts):                       # left padding for generation
+        for i, p in enumerate(chosen):                        # left padding for generation
             prompt_ids[i, P - p.numel():] = p
             prompt_mask[i, P - p.numel():] = 1
         unwrapped = self.accelerator.unwrap_model(model)
         temperature = args.online_temperature or args.temperature
+        eos = self._eos_ids(model)
         gen_config = GenerationConfig(
             max_new_tokens=args.max_new_tokens, do_sample=True, temperature=temperature,
             top_k=args.online_top_k or 0, top_p=args.online_top_p, pad_token_id=pad,
-            eos_token_id=self._eos_ids(model) or None, use_cache=True)
+            eos_token_id=eos or None, use_cache=True)
         was_training = unwrapped.training
         unwrapped.eval()
         try:
@@ -213,9 +330,8 @@ class IQTrainer(Trainer):
         finally:
             unwrapped.train(was_training)
         completions = out[:, P:]
-        eos = self._eos_ids(model)
         seqs, comp_lens = [], []
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(chosen):
             c = completions[i]
             length = c.numel()
             if eos:
@@ -225,11 +341,12 @@ class IQTrainer(Trainer):
             seqs.append(torch.cat([p, c[:length]]))
             comp_lens.append(length)
         L = max(s.numel() for s in seqs)
+        labels = inputs["labels"]
         sample_ids = ids.new_full((n, L), pad)
         sample_labels = torch.full((n, L), -100, dtype=labels.dtype, device=ids.device)
         sample_mask = torch.zeros(n, L, dtype=torch.long, device=ids.device)
         done = torch.zeros(n, L, dtype=torch.bool, device=ids.device)
-        for i, (s, p, c) in enumerate(zip(seqs, prompts, comp_lens)):
+        for i, (s, p, c) in enumerate(zip(seqs, chosen, comp_lens)):
             sample_ids[i, :s.numel()] = s
             sample_mask[i, :s.numel()] = 1
             sample_labels[i, p.numel():s.numel()] = s[p.numel():]
@@ -240,6 +357,116 @@ class IQTrainer(Trainer):
         if "position_ids" in inputs:
             samples["position_ids"] = (sample_mask.cumsum(1) - 1).clamp(min=0)
         return samples
+
+
+def _hf_dataset(data):
+    """A map-style dataset of pre-tokenized rows (``torch.utils.data.Dataset`` or a
+    list of dicts of tensors / lists) as a ``datasets.Dataset``, which TRL needs."""
+    import datasets
+    if data is None or isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
+        return data
+    if isinstance(data, dict):
+        return {k: _hf_dataset(v) for k, v in data.items()}
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        return data                            # TRL raises its own error
+    rows = [{k: v.tolist() if torch.is_tensor(v) else v for k, v in data[i].items()}
+            for i in range(len(data))]
+    return datasets.Dataset.from_list(rows)
+
+
+def _has_iq_columns(*datasets) -> bool:
+    for data in datasets:
+        for part in (data.values() if isinstance(data, dict) else [data]):
+            if set(_IQ_COLUMNS) & set(getattr(part, "column_names", None) or []):
+                return True
+    return False
+
+
+def _pretokenized(data) -> bool:
+    return data is not None and "input_ids" in (getattr(data, "column_names", None) or [])
+
+
+def _pad_only_tokenizer(model: nn.Module):
+    """For pre-tokenized data without a tokenizer: TRL's collator needs only the pad
+    id (the model config's pad, else eos, else 0)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "eos_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    pad = 0 if pad is None else int(pad)
+    tok = Tokenizer(models.WordLevel({"<pad>": pad}, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<pad>")
+
+
+def _refuse_lora_on_head(peft_config) -> None:
+    """TRL's SFTTrainer refuses adapters on the LM head; say what works instead."""
+    targets = getattr(peft_config, "target_modules", None)
+    if targets is None:
+        return
+    names = [targets] if isinstance(targets, str) else list(targets)
+    if any(name in ("lm_head", "embed_out") or name.endswith(".lm_head") for name in names):
+        raise ValueError(
+            "IQTrainer: PEFT LoRA on the LM head (target_modules includes 'lm_head') is refused "
+            "by TRL's SFTTrainer, which IQTrainer builds on. Alternatives: "
+            "modules_to_save=['lm_head'] (trains the whole head exactly), LoRA on the other "
+            "layers only, or apply_fastirl(model) with a transformers.Trainer or your own loop, "
+            "where fastirl trains LoRA on lm_head exactly (no logits).")
+
+
+def _prompt_ids(example: dict, tokenizer, chat_template) -> dict:
+    """The real prompt of a raw example, tokenized as at generation time: the
+    ``prompt`` of a prompt/completion example, or a conversation up to its last
+    user turn (with the generation prompt).  Empty for plain text."""
+    kwargs = {"chat_template": chat_template} if chat_template else {}
+    if "prompt" in example:
+        prompt = example["prompt"]
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True, **kwargs)["input_ids"]
+        else:
+            ids = tokenizer(text=prompt)["input_ids"]
+        return {"prompt_ids": list(ids)}
+    messages = example.get("messages")
+    if isinstance(messages, list):
+        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        if users:
+            ids = tokenizer.apply_chat_template(messages[:users[-1] + 1], tokenize=True,
+                                                add_generation_prompt=True, return_dict=True,
+                                                **kwargs)["input_ids"]
+            return {"prompt_ids": list(ids)}
+    return {"prompt_ids": []}
+
+
+@dataclass
+class _IQCollator:
+    """TRL's collator plus the IQ columns: ``prompt_ids`` (a list of 1-d tensors),
+    ``is_expert`` ((B,) bool) and ``done`` (padded like ``labels``)."""
+
+    base: Any
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = [dict(e) for e in examples]
+        extra = {k: [e.pop(k) for e in examples] for k in _IQ_COLUMNS if k in examples[0]}
+        batch = self.base(examples)
+        if "prompt_ids" in extra:
+            batch["prompt_ids"] = [torch.as_tensor(p, dtype=torch.long) for p in extra["prompt_ids"]]
+        if "is_expert" in extra:
+            batch["is_expert"] = torch.as_tensor(extra["is_expert"], dtype=torch.bool)
+        if "done" in extra:
+            labels = batch["labels"]
+            done = torch.zeros(labels.shape, dtype=torch.bool)
+            rows = [torch.as_tensor(d, dtype=torch.bool) for d in extra["done"]]
+            if labels.shape[0] == 1 and len(rows) > 1:            # padding-free: one row
+                rows = [torch.cat(rows)]
+            for i, d in enumerate(rows):
+                done[i, :d.numel()] = d
+            batch["done"] = done
+        return batch
 
 
 def _pad_to(t: torch.Tensor, length: int, value) -> torch.Tensor:
@@ -259,7 +486,7 @@ def mix_batches(expert: dict[str, Any], samples: dict[str, torch.Tensor], *,
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100,
             "position_ids": 0, "done": False}
     device = expert["input_ids"].device
-    mixed = {}
+    mixed = {k: expert[k] for k in ("use_cache", "output_router_logits") if k in expert}
     keys = [k for k in _SEQUENCE_KEYS if k in expert and expert[k] is not None]
     if "attention_mask" not in keys:
         keys.append("attention_mask")
@@ -270,7 +497,7 @@ def mix_batches(expert: dict[str, Any], samples: dict[str, torch.Tensor], *,
         if s is None:
             raise ValueError(f"online mode cannot mix batch key {key!r}")
         mixed[key] = torch.cat([_pad_to(e, L, fill[key]), _pad_to(s.to(e.dtype), L, fill[key])])
-    unknown = [k for k in expert if k not in keys and k != "is_expert"]
+    unknown = [k for k in expert if k not in keys and k not in mixed and k != "is_expert"]
     if unknown:
         raise ValueError(f"online mode supports batches of {list(_SEQUENCE_KEYS)} and "
                          f"is_expert; got extra keys {unknown}")
