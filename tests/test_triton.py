@@ -23,7 +23,7 @@ import fastirl
 from fastirl.backends import get_backend, resolve_backend
 from fastirl.backends.base import LogitSpec
 from fastirl.backends.torch_chunked import TorchChunkedBackend
-from fastirl.backends.triton_kernels import INTERPRET, TritonBackend
+from fastirl.backends.triton_kernels import INTERPRET, TritonBackend, TritonFusedBackend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -127,7 +127,7 @@ def test_forward_fp32(shape, feat):
     x, w, b, t = make(n, H, V, bias=FEATURES[feat].get("bias", False))
     spec = spec_of(FEATURES[feat])
     splits = 3 if shape == SHAPES[-1] else None            # 257 columns: 3 vocabulary splits
-    st, state = TritonBackend(fwd_splits=splits).forward(x, w, b, t, spec, keep=True)
+    st, state = TritonFusedBackend(fwd_splits=splits).forward(x, w, b, t, spec, keep=True)
     assert state is None
     ref = truth(x, w, b, t, spec)
     for k in ("value", "target_logit"):
@@ -153,7 +153,7 @@ def test_forward_argmax_ties_take_first():
     top = 5.0 * x[0].sign() / H ** 0.5
     w[3], w[130], w[200] = top, top, top          # row 0: equal maxima at 3, 130 and 200
     spec = LogitSpec(argmax=True)
-    st, _ = TritonBackend(fwd_splits=3).forward(x, w, None, t, spec, keep=False)
+    st, _ = TritonFusedBackend(fwd_splits=3).forward(x, w, None, t, spec, keep=False)
     ref = TorchChunkedBackend().forward(x, w, None, t, spec, keep=False)[0]
     assert st.argmax[0].item() == 3
     assert torch.equal(st.argmax, ref.argmax)
@@ -163,7 +163,7 @@ def test_forward_large_logits_stable():
     """Logits of magnitude ~1e3 (no overflow in exp; online rescaling exact)."""
     x, w, b, t = make(9, 16, 130, scale=300.0)
     spec = LogitSpec(temperature=0.5, entropy=True)
-    st, _ = TritonBackend(fwd_splits=2).forward(x, w, b, t, spec, keep=False)
+    st, _ = TritonFusedBackend(fwd_splits=2).forward(x, w, b, t, spec, keep=False)
     ref = truth(x, w, b, t, spec)
     assert torch.isfinite(st.value).all() and torch.isfinite(st.entropy).all()
     close_fp32(st.value, ref["value"], "value")
@@ -203,7 +203,7 @@ def test_backward_fp32(case):
     db0 = torch.randn(V, generator=g).to(DEVICE) if want_b else None
     dw = None if dw0 is None else dw0.clone()
     db = None if db0 is None else db0.clone()
-    be = TritonBackend(bwd_splits=splits)
+    be = TritonFusedBackend(bwd_splits=splits)
     dx = be.backward(x, w, b, t, value, gv, gt, spec, None, need_x=need_x, dweight=dw, dbias=db)
     if need_x:
         assert dx.dtype == x.dtype and dx.shape == x.shape
@@ -223,7 +223,7 @@ def test_backward_matches_torch_backend_all_features():
     x, w, b, t = make(n, H, V, bias=True, seed=3)
     spec = spec_of(FEATURES["all"])
     gv, gt = coefficients(n, seed=4)
-    tb, rb = TritonBackend(), TorchChunkedBackend()
+    tb, rb = TritonFusedBackend(), TorchChunkedBackend()
     st, _ = tb.forward(x, w, b, t, spec, keep=False)
     sr, _ = rb.forward(x, w, b, t, spec, keep=False)
     for k in ("value", "target_logit", "entropy", "max_logit"):
@@ -253,13 +253,13 @@ def test_unaligned_and_strided_operands():
     spec = LogitSpec(softcap=4.0)
     gv, gt = coefficients(n)
     ref = truth(x, w, b, t, spec, gv, gt)
-    st, _ = TritonBackend().forward(x, w, b, t, spec, keep=False)
+    st, _ = TritonFusedBackend().forward(x, w, b, t, spec, keep=False)
     close_fp32(st.value, ref["value"], "value")
     close_fp32(st.target_logit, ref["target_logit"], "q")
     for det in (True, False):
         dwT = torch.zeros(H, V, device=DEVICE).T            # stride (1, V)
         db = torch.zeros(V + 1, device=DEVICE)[1:]
-        dx = TritonBackend().backward(x, w, b, t, ref["value"].float(), gv, gt,
+        dx = TritonFusedBackend().backward(x, w, b, t, ref["value"].float(), gv, gt,
                                       replace(spec, deterministic=det), None, need_x=True,
                                       dweight=dwT, dbias=db)
         close_fp32(dx, ref["dx"], "dx")
@@ -282,7 +282,7 @@ def test_low_precision(dtype, feat, det):
     gv, gt = coefficients(n, seed=8)
     ref = truth(x, w, b, t, spec, gv, gt)
     low = naive(x, w, b, t, spec, gv, gt)
-    be = TritonBackend(fwd_splits=2)
+    be = TritonFusedBackend(fwd_splits=2)
     st, _ = be.forward(x, w, b, t, spec, keep=False)
     assert st.value.dtype == torch.float32
     no_worse(st.value, low["value"], ref["value"], dtype, "value")
@@ -395,7 +395,7 @@ def test_load_without_gpu_or_interpreter_says_why():
 
 
 def test_rows_per_chunk():
-    be = TritonBackend()
+    be = TritonFusedBackend()
     assert be.rows_per_chunk(100, 1000, 64, torch.bfloat16, 7) == 7
     assert be.rows_per_chunk(5, 1000, 64, torch.bfloat16, None) == 5
     r = be.rows_per_chunk(10**7, 128256, 8192, torch.bfloat16, None)
@@ -488,7 +488,7 @@ def test_aot_compile_no_spills(tmp_path):
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.exists(), proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert {r["kernel"] for r in res} == {"linear_fwd", "linear_bwd_rows", "linear_bwd_vocab",
+    assert {r["kernel"] for r in res} == {"linear_fwd", "linear_bwd_rows",
                                           "logits_stats", "logits_grad", "merge"}
     assert {(r["arch"], r["config"].split("/")[0]) for r in res if r["kernel"] == "linear_fwd"} \
         == {(80, "sm80"), (90, "sm90")}

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .base import LogitSpec, RowStats
+from .gemm_epilogue import GemmEpilogueBackend
 from .torch_chunked import _BUDGET as _TORCH_BUDGET
 from .torch_chunked import TorchChunkedBackend
 
@@ -62,7 +63,6 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-linei
 # 2-core Xeon of docs/native.md, 192-524 rows at V = 32k were within noise of
 # each other; the three GEMMs dominate either way.
 _CPU_BUDGET = _TORCH_BUDGET["cpu"]
-_CUDA_BUDGET = _TORCH_BUDGET["cuda"]
 
 _lock = threading.Lock()
 _loaded: dict[str, str] = {}
@@ -211,8 +211,24 @@ def _stats(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec,
         out = torch.ops.fastirl.row_stats(z, targets, float(spec.temperature), spec.softcap,
                                           spec.entropy, spec.argmax)
     value, q, ent, amax, maxl = out
+    if spec.argmax and z.device.type == "cpu":
+        _nan_argmax(z, value, amax, maxl)
     return RowStats(value, q, ent if spec.entropy else None, amax if spec.argmax else None,
                     maxl if spec.argmax else None)
+
+
+def _nan_argmax(z: torch.Tensor, value: torch.Tensor, amax: torch.Tensor,
+                maxl: torch.Tensor) -> None:
+    """The NaN policy of every backend (torch.max's): a row holding a NaN logit
+    has max logit NaN and argmax its first NaN column.  The CPU kernel skips
+    NaN in its max (its value is NaN all the same), so those rows, found by
+    their NaN value, are redone here (rare; no device sync on the CPU)."""
+    rows = torch.nonzero(torch.isnan(value)).flatten()
+    if rows.numel():
+        m, i = z[rows].float().max(dim=1)
+        nan = torch.isnan(m)
+        maxl[rows[nan]] = m[nan]
+        amax[rows[nan]] = i[nan]
 
 
 class _NativeBackend:
@@ -329,6 +345,15 @@ class NativeCPUBackend(_NativeBackend):
     def _block_bytes(self, dtype: torch.dtype) -> int:
         return 4 if dtype == torch.float32 else 2
 
+    def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
+                       chunk_size: int | None) -> int:
+        # The cost model's policy: W / dW traffic per chunk against the block's memory.
+        if chunk_size is None and not self._native(dtype):
+            return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, None)
+        from .chunking import rows_per_chunk
+        return rows_per_chunk(n, vocab, hidden, dtype, device="cpu", chunk_size=chunk_size,
+                              block_itemsize=self._block_bytes(dtype))
+
     def _logits(self, x, weight, bias) -> torch.Tensor:
         # float32 block for float32 inputs, the input dtype otherwise
         return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
@@ -359,15 +384,34 @@ def _addmm_lowp(dweight: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> Non
         dweight[v0:v1].add_(part)
 
 
-class NativeCUDABackend(_NativeBackend):
-    """CUDA epilogue kernels around cuBLAS GEMMs; float32 logits blocks."""
+class NativeCUDABackend(GemmEpilogueBackend):
+    """``backend="cuda"``: cuBLAS GEMMs + the CUDA epilogue kernels per chunk
+    (see :mod:`fastirl.backends.gemm_epilogue`): logits blocks in the input
+    dtype, dz written in place in it, dW accumulated in float32 by cuBLAS."""
 
     name = "cuda"
-    _device_type = "cuda"
-    _budget = _CUDA_BUDGET
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+    def _row_stats(self, z, targets, spec: LogitSpec) -> RowStats:
+        if z.dim() == 2 and z.shape[1] > 1 and z.stride(1) != 1:
+            z = z.contiguous()
+        return _stats(z, targets, spec)
+
+    def _row_grad(self, z, targets, value, grad_value, grad_target, spec, out) -> None:
+        args = (targets, value, grad_value, grad_target, float(spec.temperature), spec.softcap)
+        if out.data_ptr() == z.data_ptr() and out.dtype == z.dtype and out.stride() == z.stride():
+            torch.ops.fastirl.row_grad_(out, *args)
+            return
+        if z.shape[1] > 1 and z.stride(1) != 1:
+            z = z.contiguous()
+        if out.shape[1] > 1 and out.stride(1) != 1:
+            tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            torch.ops.fastirl.row_grad(z, *args, tmp)
+            out.copy_(tmp)
+            return
+        torch.ops.fastirl.row_grad(z, *args, out)
 
 
 def load_cpu() -> NativeCPUBackend:
