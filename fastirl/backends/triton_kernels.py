@@ -271,7 +271,7 @@ def _group_m(row_blocks: int, splits: int, block_m: int, block_n: int, hidden: i
     they read G x panels (block_m x H) and SMs / G W panels (block_n x H),
     a working set that is smallest at G = sqrt(SMs * block_n / block_m) and
     must stay in L2 (x panels within a quarter of it)."""
-    if dev.sm_count <= 0:
+    if dev.sm_count <= 0 or hidden <= 0:
         return 1
     g = max(1, round(math.sqrt(dev.sm_count * block_n / block_m)))
     if dev.l2_bytes:
@@ -300,12 +300,14 @@ def plan_grid(row_blocks: int, vocab_blocks: int, *, block_m: int, block_n: int,
         want = min(want, max(1, vocab_blocks // MIN_BLOCKS_PER_SPLIT))
         best, best_idle = want, 1.0
         for cand in range(want, max(want, want * 3 // 2) + 1):
-            per = _cdiv(vocab_blocks, cand)
-            progs = row_blocks * _cdiv(vocab_blocks, per)
+            progs = row_blocks * _cdiv(vocab_blocks, max(1, vocab_blocks // cand))
             idle = (_cdiv(progs, sm) * sm - progs) / progs
             if idle < best_idle - 1e-9:
                 best, best_idle = cand, idle
-        want = best
+        want = max(1, min(best, vocab_blocks))
+        per = max(1, vocab_blocks // want)          # rounded down: at least `want` splits
+        splits = _cdiv(vocab_blocks, per)
+        return splits, per, _group_m(row_blocks, splits, block_m, block_n, hidden, itemsize, dev)
     want = max(1, min(want, vocab_blocks))
     per = _cdiv(vocab_blocks, want)
     splits = _cdiv(vocab_blocks, per)
@@ -321,11 +323,11 @@ def plan_fused_forward(n: int, vocab: int, hidden: int, dtype: torch.dtype, *,
     """Launches of the fused forward of n rows: linear_fwd, then merge."""
     if n == 0:
         return []
-    cfg = pick_config("linear_fwd", dtype=dtype, n=n, arch=dev.arch)
+    cfg = pick_config("linear_fwd", dtype=dtype, n=n, arch=dev.arch, interpret=False)
     rb, vb = _cdiv(n, cfg.block_m), _cdiv(vocab, cfg.block_n)
     S, per, g = plan_grid(rb, vb, block_m=cfg.block_m, block_n=cfg.block_n, hidden=hidden,
                           itemsize=_itemsize(dtype), dev=dev, requested=splits)
-    merge = pick_config("merge", arch=dev.arch)
+    merge = pick_config("merge", arch=dev.arch, interpret=False)
     common = dict(rows=n, vocab=vocab, hidden=hidden, dtype=str(dtype).split(".")[-1])
     return [Launch("linear_fwd", (rb * S,), cfg, S, per, g, False, **common),
             Launch("merge", (_cdiv(n, merge.block_m),), merge, S, **common)]
@@ -352,7 +354,7 @@ def plan_fused_backward(n: int, vocab: int, hidden: int, dtype: torch.dtype, *,
         return []
     common = dict(rows=n, vocab=vocab, hidden=hidden, dtype=str(dtype).split(".")[-1])
     if not deterministic and (need_x or need_weight):
-        cfg = pick_config("linear_bwd_rows", dtype=dtype, n=n, arch=dev.arch)
+        cfg = pick_config("linear_bwd_rows", dtype=dtype, n=n, arch=dev.arch, interpret=False)
         rb, vb = _cdiv(n, cfg.block_m), _cdiv(vocab, cfg.block_n)
         S, per, g = plan_grid(rb, vb, block_m=cfg.block_m, block_n=cfg.block_n, hidden=hidden,
                               itemsize=_itemsize(dtype), dev=dev, requested=splits)
@@ -375,14 +377,14 @@ def plan_logits_forward(n: int, vocab: int, dtype: torch.dtype, *, dev: DeviceIn
     """Statistics epilogue of a stored (n, vocab) block: logits_stats, merge."""
     if n == 0:
         return []
-    cfg = pick_config("logits_stats", vocab=vocab, arch=dev.arch)
+    cfg = pick_config("logits_stats", vocab=vocab, arch=dev.arch, interpret=False)
     rb, vb = _cdiv(n, cfg.block_m), _cdiv(vocab, cfg.block_n)
     if splits is None and dev.sm_count > 0:
         # programs for WAVES waves (a row is one program: no x panel to share)
         splits = max(1, min(_cdiv(WAVES * dev.sm_count, rb), vb // MIN_BLOCKS_PER_SPLIT))
     S, per, _ = plan_grid(rb, vb, block_m=cfg.block_m, block_n=cfg.block_n, hidden=0,
                           itemsize=_itemsize(dtype), dev=dev, requested=splits or 1)
-    merge = pick_config("merge", arch=dev.arch)
+    merge = pick_config("merge", arch=dev.arch, interpret=False)
     common = dict(rows=n, vocab=vocab, dtype=str(dtype).split(".")[-1])
     return [Launch("logits_stats", (rb, S), cfg, S, per, **common),
             Launch("merge", (_cdiv(n, merge.block_m),), merge, S, **common)]
@@ -393,7 +395,7 @@ def plan_logits_backward(n: int, vocab: int, dtype: torch.dtype, *,
     """Gradient epilogue of a stored (n, vocab) block (in place)."""
     if n == 0:
         return []
-    cfg = pick_config("logits_grad", vocab=vocab, arch=dev.arch)
+    cfg = pick_config("logits_grad", vocab=vocab, arch=dev.arch, interpret=False)
     return [Launch("logits_grad", (_cdiv(n, cfg.block_m), _cdiv(vocab, cfg.block_n)), cfg,
                    rows=n, vocab=vocab, dtype=str(dtype).split(".")[-1])]
 
