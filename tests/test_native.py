@@ -657,9 +657,27 @@ def test_ops_accept_n_by_1_blocks_with_any_column_stride():
 
 
 def test_build_lock_removes_a_stale_torch_lock(tmp_path):
-    (tmp_path / "lock").write_text("")                        # left by a killed build
-    with native.build_lock(tmp_path):
-        assert not (tmp_path / "lock").exists()
+    import threading
+    import time
+    lock = tmp_path / "lock"
+    lock.write_text("")                                      # left by a killed build
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with native.build_lock(tmp_path, stale_after=300):
+        assert not lock.exists()
+    # a fresh one (an older fastirl building without the fcntl lock) is waited for
+    lock.write_text("")
+    threading.Timer(0.5, lock.unlink).start()
+    t0 = time.time()
+    with native.build_lock(tmp_path, stale_after=300):
+        assert not lock.exists()
+    assert 0.4 < time.time() - t0 < 5
+    # ... but never forever
+    lock.write_text("")
+    t0 = time.time()
+    with native.build_lock(tmp_path, stale_after=1.0):
+        assert not lock.exists()
+    assert time.time() - t0 < 5
 
 
 def test_build_lock_waits_for_a_live_builder_not_a_dead_one(tmp_path):

@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +140,20 @@ def _jit(name: str, sources: tuple[str, ...], cuda: bool) -> str:
 
 
 @contextlib.contextmanager
-def build_lock(directory: Path):
+def build_lock(directory: Path, stale_after: float | None = None):
     """Exclusive lock of a JIT build directory, held around the build and load.
 
     An ``fcntl`` lock: the OS releases it when its holder exits or is killed,
     so a crashed build never blocks later processes; concurrent processes
     (e.g. the ranks of one node) wait for the first one's build and then load
     it.  torch's own ``lock`` file (a FileBaton, on which torch waits forever
-    when a killed build left it behind) found while holding this lock is stale:
-    it is removed."""
+    when a killed build left it behind) can then only belong to a process
+    that does not take this lock (an older fastirl): it is waited for while it
+    is younger than ``stale_after`` seconds (``$FASTIRL_STALE_LOCK_S``, default
+    300: longer than any build of these sources), then removed as stale."""
     directory.mkdir(parents=True, exist_ok=True)
+    if stale_after is None:
+        stale_after = float(os.environ.get("FASTIRL_STALE_LOCK_S", "300"))
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: torch's baton alone
@@ -157,14 +162,24 @@ def build_lock(directory: Path):
     with open(directory / ".fastirl-build.lock", "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
-            stale = directory / "lock"
-            if stale.exists():
-                log.warning("fastirl: removing the stale build lock %s (left by a build that "
-                            "did not finish)", stale)
-                stale.unlink(missing_ok=True)
+            _clear_stale_baton(directory / "lock", stale_after)
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _clear_stale_baton(path: Path, stale_after: float) -> None:
+    while True:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after:
+            log.warning("fastirl: removing the stale build lock %s (%.0f s old, left by a build "
+                        "that did not finish)", path, age)
+            path.unlink(missing_ok=True)
+            return
+        time.sleep(min(1.0, stale_after - age))
 
 
 def build_info_path(origin: str) -> Path:
