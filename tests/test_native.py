@@ -733,3 +733,14 @@ def test_prebuilt_extension_checks(tmp_path, monkeypatch):
     assert cov(["8.0", "9.0+PTX"], (10, 0)) and cov(["8.0", "9.0+PTX"], (12, 0))
     assert not cov(["8.0", "9.0"], (10, 0)) and not cov(["9.0"], (8, 0))
     assert not cov(["8.6"], (8, 0))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("spec", [LogitSpec(), LogitSpec(softcap=3.0, temperature=0.7,
+                                                          entropy=True, argmax=True)])
+def test_cuda_backend_python_path_on_cpu_tensors(keep, dtype, spec):
+    """The "cuda" backend's Python side (GEMM + epilogue base: blocks in the input
+    dtype, dz in place, float32 dW, float16 scaling) run on CPU tensors, where
+    the same ops dispatch to the CPU kernels."""
+    check_backend(native.NativeCUDABackend(), "cpu", dtype, keep=keep, spec=spec)
