@@ -374,6 +374,7 @@ def test_registry_and_supports():
     be = get_backend("triton")
     assert be.name == "triton"
     assert be.supports(DEVICE)
+    assert get_backend("triton-fused").name == "triton-fused"
     if INTERPRET:
         assert be.supports(torch.device("cpu"))
         assert resolve_backend("auto", torch.device("cpu")).name != "triton"
@@ -669,3 +670,30 @@ def test_fp16_small_coefficients_do_not_underflow(backend):
     # dx (~1e-6) is itself a float16 subnormal: within 2x its own rounding error
     best = err(ref["dx"].to(torch.float16), ref["dx"])
     assert err(dx, ref["dx"]) <= 2 * best + 1e-3 * ref["dx"].abs().max().item()
+
+
+def test_fused_kernels_with_planned_groups_and_splits(monkeypatch):
+    """The planner's own grid (several splits, L2 groups of row blocks, staggered
+    walks) rather than a forced split count: as if on a 3-SM GPU."""
+    from fastirl.backends import triton_kernels as tk
+    dev = tk.DeviceInfo("interp", 3, 1 << 20)
+    monkeypatch.setattr(tk, "device_info", lambda device, interpret=tk.INTERPRET: dev)
+    n, H, V = 40, 16, 1030                       # 2 row blocks x 9 vocabulary blocks
+    (fwd, _), (bwd,) = (tk.plan_fused_forward(n, V, H, torch.float32, dev=dev),
+                        tk.plan_fused_backward(n, V, H, torch.float32, dev=dev,
+                                               deterministic=False))
+    assert fwd.splits > 1 and fwd.group_m > 1 and bwd.stagger and bwd.blocks_per_split > 1
+    x, w, b, t = make(n, H, V, bias=True, seed=23)
+    spec = LogitSpec(softcap=8.0, entropy=True, argmax=True, deterministic=False)
+    gv, gt = coefficients(n, seed=24)
+    ref = truth(x, w, b, t, spec, gv, gt)
+    be = TritonFusedBackend()
+    st, _ = be.forward(x, w, b, t, spec, keep=False)
+    for k in ("value", "target_logit", "entropy", "max_logit"):
+        close_fp32(getattr(st, k), ref[k], k)
+    assert torch.equal(st.argmax, ref["argmax"])
+    dw, db = torch.zeros(V, H, device=DEVICE), torch.zeros(V, device=DEVICE)
+    dx = be.backward(x, w, b, t, st.value, gv, gt, spec, None, need_x=True, dweight=dw, dbias=db)
+    close_fp32(dx, ref["dx"], "dx")
+    close_fp32(dw, ref["dw"], "dW")
+    close_fp32(db, ref["db"], "db")
