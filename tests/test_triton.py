@@ -617,7 +617,8 @@ def test_kernels_do_not_specialize_on_row_counts():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     assert len(lines) == 5 and all("'n'" in v for v in lines.values()), out
-    assert "'nsplit'" in lines["linear_bwd_rows_kernel"] and "'group_m'" in lines["linear_fwd_kernel"]
+    assert "'nsplit'" in lines["linear_bwd_rows_kernel"]
+    assert "'group_m'" in lines["linear_fwd_kernel"]
 
 
 def test_no_copy_of_weight_when_hidden_is_not_a_multiple_of_16():

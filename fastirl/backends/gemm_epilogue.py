@@ -46,9 +46,10 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 # Bytes of the logits block of one chunk on CUDA when no chunk policy is given
 # (fastirl.backends.chunking decides when present).
 CUDA_BLOCK_BYTES = 1 << 30
-# CPU fallback of the float32-accumulated low-precision dW GEMM: rows of dW per
-# temporary (torch has no CPU addmm with out_dtype).
+# Fallback of the float32-accumulated low-precision dW GEMM (CPU, or a torch
+# without CUDA addmm(out_dtype=)): rows of dW per low-precision temporary.
 _DW_SLAB_BYTES = 8 << 20
+_OUT_DTYPE_OK = True
 
 
 def dz_scale(dtype: torch.dtype, grad_value: torch.Tensor, grad_target: torch.Tensor) -> float:
@@ -65,17 +66,25 @@ def dz_scale(dtype: torch.dtype, grad_value: torch.Tensor, grad_target: torch.Te
 def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
     """acc (float32) += alpha * a @ b with a, b in a 16-bit dtype or float32,
     accumulated in float32 without float32 copies of a or b: cuBLAS with a
-    float32 output on CUDA, vocabulary slabs of a low-precision GEMM on CPU."""
+    float32 output on CUDA, else row slabs of a low-precision GEMM (a
+    temporary of at most _DW_SLAB_BYTES) added into acc."""
+    global _OUT_DTYPE_OK
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, alpha=alpha)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, alpha=alpha, out_dtype=acc.dtype, out=acc)
-    else:
-        rows = max(1, min(acc.shape[0], _DW_SLAB_BYTES // (max(acc.shape[1], 1) * a.element_size())))
-        tmp = torch.empty((rows, acc.shape[1]), dtype=a.dtype, device=a.device)
-        for r0 in range(0, acc.shape[0], rows):
-            r1 = min(acc.shape[0], r0 + rows)
-            acc[r0:r1].add_(torch.mm(a[r0:r1], b, out=tmp[: r1 - r0]), alpha=alpha)
+        return
+    if acc.is_cuda and _OUT_DTYPE_OK:
+        try:
+            torch.addmm(acc, a, b, alpha=alpha, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError) as exc:   # a torch without addmm(out_dtype=)
+            _OUT_DTYPE_OK = False
+            log.warning("fastirl: torch.addmm(out_dtype=float32) failed (%s); dW GEMMs "
+                        "go through low-precision slabs instead", exc)
+    rows = max(1, min(acc.shape[0], _DW_SLAB_BYTES // (max(acc.shape[1], 1) * a.element_size())))
+    tmp = torch.empty((rows, acc.shape[1]), dtype=a.dtype, device=a.device)
+    for r0 in range(0, acc.shape[0], rows):
+        r1 = min(acc.shape[0], r0 + rows)
+        acc[r0:r1].add_(torch.mm(a[r0:r1], b, out=tmp[: r1 - r0]), alpha=alpha)
 
 
 def grad_gemms(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, need_x: bool,
