@@ -698,3 +698,13 @@ def test_fused_kernels_with_planned_groups_and_splits(monkeypatch):
     close_fp32(dx, ref["dx"], "dx")
     close_fp32(dw, ref["dw"], "dW")
     close_fp32(db, ref["db"], "db")
+
+
+def test_epilogue_chunks_come_from_the_chunk_policy():
+    from fastirl.backends import chunking
+    be = TritonBackend()
+    hw = chunking.hardware_for("cuda")
+    for n, V, H, dt in ((8192, 128256, 4096, torch.bfloat16), (300, 5000, 64, torch.float32)):
+        assert be.rows_per_chunk(n, V, H, dt, None) == chunking.rows_per_chunk(
+            n, V, H, dt, device="cuda", hardware=hw)
+    assert be.rows_per_chunk(100, 1000, 64, torch.bfloat16, 7) == 7

@@ -1,6 +1,7 @@
 """cuBLAS GEMMs + one fused epilogue kernel per chunk: the GPU backends' design.
 
-Per chunk of c rows (single-pass mode: ``forward(keep=True)`` then
+Per chunk of c rows (the chunk size from :func:`fastirl.backends.chunking.rows_per_chunk`;
+single-pass mode: ``forward(keep=True)`` then
 ``backward(state)``, three GEMMs in all):
 
 1. ``z = x @ W.T (+ b)``: one GEMM in the input dtype (bf16 / fp16 with float32
@@ -35,17 +36,15 @@ from typing import Any
 import torch
 
 from .base import LogitSpec, RowStats
+from . import chunking
 from .torch_chunked import TorchChunkedBackend
 
-__all__ = ["GemmEpilogueBackend", "dz_scale", "grad_gemms", "addmm_f32", "CUDA_BLOCK_BYTES"]
+__all__ = ["GemmEpilogueBackend", "dz_scale", "grad_gemms", "addmm_f32"]
 
 log = logging.getLogger("fastirl")
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
-# Bytes of the logits block of one chunk on CUDA when no chunk policy is given
-# (fastirl.backends.chunking decides when present).
-CUDA_BLOCK_BYTES = 1 << 30
 # Fallback of the float32-accumulated low-precision dW GEMM (CPU, or a torch
 # without CUDA addmm(out_dtype=)): rows of dW per low-precision temporary.
 _DW_SLAB_BYTES = 8 << 20
@@ -139,14 +138,10 @@ class GemmEpilogueBackend:
             return max(1, min(chunk_size, n))
         if dtype not in _FLOAT:
             return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, None)
-        try:
-            from .chunking import rows_per_chunk as policy
-        except ImportError:
-            policy = None
-        if policy is not None:
-            return max(1, min(n, int(policy(n, vocab, hidden, dtype, device="cuda"))))
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return max(1, min(n, CUDA_BLOCK_BYTES // (itemsize * max(vocab, 1))))
+        # The GPU's W / dW traffic per chunk against the chunk's memory (the
+        # roofline model's reasoning, fastirl.backends.chunking).
+        return chunking.rows_per_chunk(n, vocab, hidden, dtype, device="cuda",
+                                       hardware=chunking.hardware_for("cuda"))
 
     @staticmethod
     def _native(*tensors: torch.Tensor | None) -> bool:
