@@ -12,7 +12,8 @@ Here every round times each variant once, back to back on the same inputs
 gives a ratio to the first ``--reference`` variant measured under about the
 same load; the medians of those per-round ratios are reported, with the
 median times and the load average.  Variant names and inputs are
-``fastirl-bench``'s (``fastirl.bench.variants``, ``fastirl.bench.worker``).
+``fastirl-bench``'s (``fastirl.bench.variants``, ``fastirl.bench.worker``); ``fastirl-cpu@4096`` is a fastirl variant with an
+explicit ``chunk_size``.  (The prediction column is the policy's chunking.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _with_chunk(name: str, chunk: int, td_weight: float):
+    """A fastirl variant with an explicit chunk_size ("fastirl-cpu@4096")."""
+    import fastirl
+    from fastirl.bench import variants
+    backend = variants.fastirl_backend(name)
+    if backend is None:
+        raise SystemExit(f"@chunk only applies to fastirl variants, not {name!r}")
+    lam = 0.0 if name.endswith(variants.CE_SUFFIX) else td_weight
+    return lambda x, w, t: fastirl.iq_loss(x, w, t, td_weight=lam, backend=backend,
+                                           chunk_size=chunk,
+                                           ignore_index=variants.IGNORE_INDEX)
 
 
 def main(argv=None) -> int:
@@ -60,12 +74,16 @@ def main(argv=None) -> int:
                                  vocab=args.vocab, dtype=dtype, device=device, seed=0)
     steps = {}
     for name in names:
-        why = variants.unavailable_reason(name, device)
+        base, _, chunk = name.partition("@")
+        chunk = int(chunk) if chunk else None
+        why = variants.unavailable_reason(base, device)
         if why:
             print(f"{name}: skipped - {why}")
             continue
-        fn = variants.loss_fn(name, device, td_weight=args.td_weight)
-        steps[name] = variants.bind(name, fn, x, w, t).step
+        fn = variants.loss_fn(base, device, td_weight=args.td_weight)
+        if chunk:
+            fn = _with_chunk(base, chunk, args.td_weight)
+        steps[name] = variants.bind(base, fn, x, w, t).step
         steps[name]()                       # warm-up (compiles, builds, first-touch)
     if args.reference not in steps:
         print(f"the reference {args.reference!r} cannot run here", file=sys.stderr)
@@ -91,7 +109,7 @@ def main(argv=None) -> int:
     rows = []
     for name, ts in times.items():
         ratios = [a / b for a, b in zip(ts, ref)]
-        pred = roofline.predict_ms(name, tokens=n_tok, hidden=args.hidden, vocab=args.vocab,
+        pred = roofline.predict_ms(name.partition("@")[0], tokens=n_tok, hidden=args.hidden, vocab=args.vocab,
                                    dtype=args.dtype, hw=hw)
         print(f"{name:<16} {statistics.median(ts):>8.2f}s "
               f"{statistics.median(ratios):>10.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"

@@ -293,6 +293,7 @@ def _register_fakes() -> None:
                 logits.new_empty((n if argmax else 0,), dtype=torch.int64, device=logits.device),
                 logits.new_empty((n if argmax else 0,), **f32))
 
+    torch.library.register_fake("fastirl::acc_add_")(lambda acc, src: None)
     torch.library.register_fake("fastirl::row_stats")(stats)
     torch.library.register_fake("fastirl::row_stats_capped_")(stats)
 
@@ -489,14 +490,16 @@ _DW_SLAB_BYTES = 64 << 20
 
 
 def _addmm_lowp(dweight: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
-    """dweight (V, H) float32 += dz.T @ x with dz (n, V), x (n, H) in bf16 / fp16."""
+    """dweight (V, H) float32 += dz.T @ x with dz (n, V), x (n, H) in bf16 / fp16.
+    The partials are added by ``fastirl::acc_add_`` (converted in registers:
+    torch's mixed-dtype ``add_`` would first copy each to a float32 temporary)."""
     V, H = dweight.shape
     rows = max(1, min(V, _DW_SLAB_BYTES // (max(H, 1) * x.element_size())))
     tmp = torch.empty((rows, H), dtype=x.dtype, device=x.device)
     for v0 in range(0, V, rows):
         v1 = min(V, v0 + rows)
         part = torch.mm(dz[:, v0:v1].t(), x, out=tmp[: v1 - v0])
-        dweight[v0:v1].add_(part)
+        torch.ops.fastirl.acc_add_(dweight[v0:v1], part)
 
 
 class NativeCUDABackend(GemmEpilogueBackend):
