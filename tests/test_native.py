@@ -678,6 +678,14 @@ def test_build_lock_removes_a_stale_torch_lock(tmp_path):
     with native.build_lock(tmp_path, stale_after=1.0):
         assert not lock.exists()
     assert time.time() - t0 < 5
+    # a fastirl builder killed inside its build left its owner file: no wait at all
+    (tmp_path / ".fastirl-build.owner").write_text("12345")
+    lock.write_text("")
+    t0 = time.time()
+    with native.build_lock(tmp_path, stale_after=300):
+        assert not lock.exists()
+    assert time.time() - t0 < 2
+    assert not (tmp_path / ".fastirl-build.owner").exists()
 
 
 def test_build_lock_waits_for_a_live_builder_not_a_dead_one(tmp_path):

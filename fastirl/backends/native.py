@@ -147,10 +147,12 @@ def build_lock(directory: Path, stale_after: float | None = None):
     so a crashed build never blocks later processes; concurrent processes
     (e.g. the ranks of one node) wait for the first one's build and then load
     it.  torch's own ``lock`` file (a FileBaton, on which torch waits forever
-    when a killed build left it behind) can then only belong to a process
-    that does not take this lock (an older fastirl): it is waited for while it
-    is younger than ``stale_after`` seconds (``$FASTIRL_STALE_LOCK_S``, default
-    300: longer than any build of these sources), then removed as stale."""
+    when a killed build left it behind) is stale when the previous holder of
+    this lock died (its ``.fastirl-build.owner`` file is still there): it is
+    removed at once.  Otherwise it can only belong to a process that does not
+    take this lock (an older fastirl): it is waited for while it is younger
+    than ``stale_after`` seconds (``$FASTIRL_STALE_LOCK_S``, default 300:
+    longer than any build of these sources), then removed."""
     directory.mkdir(parents=True, exist_ok=True)
     if stale_after is None:
         stale_after = float(os.environ.get("FASTIRL_STALE_LOCK_S", "300"))
@@ -161,10 +163,14 @@ def build_lock(directory: Path, stale_after: float | None = None):
         return
     with open(directory / ".fastirl-build.lock", "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        owner = directory / ".fastirl-build.owner"
         try:
-            _clear_stale_baton(directory / "lock", stale_after)
+            # a leftover owner file: the last holder died inside its build
+            _clear_stale_baton(directory / "lock", 0.0 if owner.exists() else stale_after)
+            owner.write_text(str(os.getpid()))
             yield
         finally:
+            owner.unlink(missing_ok=True)
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
