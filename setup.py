@@ -4,7 +4,14 @@
   built when torch is importable at build time and a C++ compiler works;
 * ``fastirl._C_cuda``: the CUDA epilogues (csrc/iq_cuda.cu), built only with a
   CUDA-enabled torch and nvcc, when a GPU is visible or FASTIRL_BUILD_CUDA=1
-  (FASTIRL_BUILD_CUDA=0 never builds it).
+  (FASTIRL_BUILD_CUDA=0 never builds it), for TORCH_CUDA_ARCH_LIST, by default
+  "8.0;9.0+PTX" (Ampere and Hopper code, plus PTX that newer GPUs such as
+  sm_100 / sm_120 compile at load time).
+
+Beside each built module a ``<module file>.json`` records the torch version and
+CUDA architectures it was built for; fastirl checks it before importing the
+module and compiles from source instead when torch differs or no kernel image
+fits the GPU (fastirl.backends.native.prebuilt_problem).
 
 Both are optional: without them (or with FASTIRL_BUILD_EXT=0) the package is
 pure Python, and the "cpu" / "cuda" backends compile the same sources on first
@@ -16,11 +23,13 @@ installed; an isolated build (plain ``pip install -e .``) skips the extension.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 from setuptools import setup
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno", "-fno-trapping-math",
              "-ffp-contract=fast"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-lineinfo"]
@@ -55,6 +64,7 @@ def _extensions():
                          define_macros=macros, extra_compile_args={"cxx": CXX_FLAGS + quiet},
                          extra_link_args=["-fopenmp"], optional=True)]
     if _want_cuda(torch):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         exts.append(CUDAExtension("fastirl._C_cuda", ["csrc/iq_cuda.cu"], include_dirs=["csrc"],
                                   define_macros=macros,
                                   extra_compile_args={"cxx": ["-O3", "-Wall", "-Wextra"] + quiet,
@@ -72,6 +82,14 @@ def _extensions():
                     raise
                 print(f"fastirl: building {ext.name} failed ({exc}); the package works "
                       f"without it (compiled on first use instead)", file=sys.stderr)
+                return
+            cuda = ext.name.endswith("_cuda")
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+            info = {"torch": torch.__version__,
+                    "cuda_archs": [a for a in archs.replace(" ", ";").split(";") if a]
+                    if cuda else []}
+            with open(self.get_ext_fullpath(ext.name) + ".json", "w") as fh:
+                json.dump(info, fh)
 
     return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 

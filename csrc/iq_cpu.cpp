@@ -9,6 +9,8 @@
 //              onehot) * softcap'(z), one read and one write per element.
 // With a soft cap, row_stats_capped_ also stores c * tanh(z / c) back into the
 // block (the tile is in L1 then), so that row_grad_(capped=True) needs no tanh.
+//   acc_add_   acc (float32) += src (bf16 / fp16 / float32), converting in
+//              registers: the dW accumulation of low-precision GEMM partials.
 // Rows are spread over threads with at::parallel_for (torch's OpenMP pool, so
 // torch.set_num_threads applies); the loops along the vocabulary are written
 // for the compiler to vectorise, and on x86-64 with GCC each worker is cloned
@@ -296,6 +298,32 @@ IQ_CLONES void grad_range(const GradArgs& a, Dtype in, Dtype out, Cap cap, int64
   }
 }
 
+// ------------------------------------------------------- float32 accumulation
+
+// acc[r, :] += src[r, :] for rows [r0, r1): the float32 dW accumulator plus a
+// low-precision GEMM partial, converted in registers (torch's mixed-dtype
+// add_ first copies the partial to a float32 temporary: twice the traffic).
+template <typename T>
+IQ_INLINE void acc_rows(float* acc, int64_t acc_stride, const void* src, int64_t src_stride,
+                        int64_t cols, int64_t r0, int64_t r1) {
+  using S = typename T::storage;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* a = acc + r * acc_stride;
+    const S* x = static_cast<const S*>(src) + r * src_stride;
+#pragma omp simd
+    for (int64_t i = 0; i < cols; ++i) a[i] += T::load(x[i]);
+  }
+}
+
+IQ_CLONES void acc_range(float* acc, int64_t acc_stride, const void* src, int64_t src_stride,
+                         Dtype dtype, int64_t cols, int64_t r0, int64_t r1) {
+  switch (dtype) {
+    case Dtype::kF32: acc_rows<F32>(acc, acc_stride, src, src_stride, cols, r0, r1); break;
+    case Dtype::kBF16: acc_rows<BF16>(acc, acc_stride, src, src_stride, cols, r0, r1); break;
+    case Dtype::kF16: acc_rows<F16>(acc, acc_stride, src, src_stride, cols, r0, r1); break;
+  }
+}
+
 }  // namespace cpu
 
 #if !defined(FASTIRL_KERNELS_ONLY)
@@ -429,6 +457,27 @@ void row_grad_cpu(const at::Tensor& logits, const at::Tensor& targets, const at:
   run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, false, out);
 }
 
+void acc_add_cpu(const at::Tensor& acc, const at::Tensor& src) {
+  check_cpu(acc, "acc");
+  check_cpu(src, "src");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat, "fastirl: acc must be float32, got ",
+              acc.scalar_type());
+  TORCH_CHECK(acc.dim() == 2 && src.dim() == 2 && acc.sizes() == src.sizes(),
+              "fastirl: acc and src must be 2-D of one shape, got ", acc.sizes(), " and ",
+              src.sizes());
+  TORCH_CHECK(acc.size(1) <= 1 || (acc.stride(1) == 1 && src.stride(1) == 1),
+              "fastirl: acc and src need unit column strides");
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  if (rows == 0 || cols == 0) return;
+  float* a = acc.data_ptr<float>();
+  const void* x = src.data_ptr();
+  const int64_t as = acc.stride(0), xs = src.stride(0);
+  const Dtype dt = dtype_of(src.scalar_type());
+  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t r0, int64_t r1) {
+    acc_range(a, as, x, xs, dt, cols, r0, r1);
+  });
+}
+
 }  // namespace
 #endif  // !FASTIRL_KERNELS_ONLY
 }  // namespace fastirl
@@ -439,6 +488,7 @@ TORCH_LIBRARY(fastirl, m) {
   m.def(fastirl::kSchemaRowStatsCapped);
   m.def(fastirl::kSchemaRowGradInplace);
   m.def(fastirl::kSchemaRowGrad);
+  m.def("acc_add_(Tensor(a!) acc, Tensor src) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastirl, CPU, m) {
@@ -446,6 +496,7 @@ TORCH_LIBRARY_IMPL(fastirl, CPU, m) {
   m.impl("row_stats_capped_", &fastirl::row_stats_capped_cpu);
   m.impl("row_grad_", &fastirl::row_grad_inplace_cpu);
   m.impl("row_grad", &fastirl::row_grad_cpu);
+  m.impl("acc_add_", &fastirl::acc_add_cpu);
 }
 
 #if defined(FASTIRL_PYMODULE)

@@ -82,34 +82,19 @@ __device__ __forceinline__ int64_t head_elems(const S* p, int align) {
   return static_cast<int64_t>(((align - a % align) % align) / sizeof(S));
 }
 
+using math::Base2;
+using ThreadStats = math::RowState;
+
 template <bool kCap>
 __device__ __forceinline__ float cap_logit(float z, float cap, float inv_cap) {
   if constexpr (kCap) {
-    return cap * math::tanh_(z * inv_cap);
+    return cap * math::tanh_<Base2>(z * inv_cap);
   } else {
     return z;
   }
 }
 
 // --------------------------------------------------------------- statistics
-
-struct ThreadStats {
-  LseState lse;
-  ArgMax best;
-};
-
-__device__ __forceinline__ void accumulate(ThreadStats& st, float c, int64_t idx, float inv_tau,
-                                           bool ent, bool amax) {
-  if (c > st.lse.m) st.lse = math::lse_rescale(st.lse, c, inv_tau);
-  const math::ExpTerm e = math::exp_term(c, math::safe_shift(st.lse.m), inv_tau);
-  st.lse.s += e.e;
-  if (ent) st.lse.t += e.eu;
-  if (amax) st.best = math::argmax_merge(st.best, ArgMax{c, idx});
-}
-
-__device__ __forceinline__ ThreadStats merge(ThreadStats a, ThreadStats b, float inv_tau) {
-  return ThreadStats{math::lse_merge(a.lse, b.lse, inv_tau), math::argmax_merge(a.best, b.best)};
-}
 
 __device__ __forceinline__ ThreadStats shfl_xor(ThreadStats a, int lane_mask) {
   ThreadStats b;
@@ -123,11 +108,12 @@ __device__ __forceinline__ ThreadStats shfl_xor(ThreadStats a, int lane_mask) {
 
 // One block per row (grid-stride over rows).  Outputs as the CPU op; a target
 // outside [-1, V) gets NaN value and target logit (checked without a device
-// sync; the engine validates targets before any kernel runs).
+// sync; the engine validates targets before any kernel runs).  `k` is
+// log2(e) / tau: base-2 exponentials (math::Base2).
 template <typename T, bool kCap>
 __global__ void __launch_bounds__(kThreads)
 row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, int64_t n,
-                 int64_t V, const int64_t* __restrict__ targets, float tau, float inv_tau,
+                 int64_t V, const int64_t* __restrict__ targets, float tau, float k,
                  float cap, float inv_cap, bool ent, bool amax, float* __restrict__ value,
                  float* __restrict__ target_logit, float* __restrict__ entropy,
                  int64_t* __restrict__ argmax, float* __restrict__ max_logit) {
@@ -137,14 +123,15 @@ row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
     const S* row = z + r * row_stride;
-    ThreadStats st{math::lse_empty(), ArgMax{math::neg_inf(), 0}};
+    ThreadStats st = math::row_empty();
     const int64_t head = min(head_elems(row, 16), V);
     for (int64_t i = threadIdx.x; i < head; i += kThreads)
-      accumulate(st, cap_logit<kCap>(T::load(row[i]), cap, inv_cap), i, inv_tau, ent, amax);
+      math::row_accumulate<Base2>(st, cap_logit<kCap>(T::load(row[i]), cap, inv_cap), i, k, ent,
+                                  amax);
     const int64_t nvec = (V - head) / kVec;
     const Pack<S, kVec>* vrow = reinterpret_cast<const Pack<S, kVec>*>(row + head);
-    for (int64_t k = threadIdx.x; k < nvec; k += kThreads) {
-      const Pack<S, kVec> p = vrow[k];
+    for (int64_t vi = threadIdx.x; vi < nvec; vi += kThreads) {
+      const Pack<S, kVec> p = vrow[vi];
       float c[kVec];
       float vmax = math::neg_inf();
 #pragma unroll
@@ -152,29 +139,29 @@ row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, 
         c[j] = cap_logit<kCap>(T::load(p.v[j]), cap, inv_cap);
         vmax = c[j] > vmax ? c[j] : vmax;
       }
-      if (vmax > st.lse.m) st.lse = math::lse_rescale(st.lse, vmax, inv_tau);
+      if (vmax > st.lse.m) st.lse = math::lse_rescale<Base2>(st.lse, vmax, k);
       const float shift = math::safe_shift(st.lse.m);
-      const int64_t base = head + k * kVec;
+      const int64_t base = head + vi * kVec;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const math::ExpTerm e = math::exp_term(c[j], shift, inv_tau);
+        const math::ExpTerm e = math::exp_term<Base2>(c[j], shift, k);
         st.lse.s += e.e;
         if (ent) st.lse.t += e.eu;
         if (amax) st.best = math::argmax_merge(st.best, ArgMax{c[j], base + j});
       }
     }
     for (int64_t i = head + nvec * kVec + threadIdx.x; i < V; i += kThreads)
-      accumulate(st, cap_logit<kCap>(T::load(row[i]), cap, inv_cap), i, inv_tau, ent, amax);
+      math::row_accumulate<Base2>(st, cap_logit<kCap>(T::load(row[i]), cap, inv_cap), i, k, ent,
+                                  amax);
 
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) st = merge(st, shfl_xor(st, off), inv_tau);
+    for (int off = 16; off > 0; off /= 2) st = math::row_merge<Base2>(st, shfl_xor(st, off), k);
     if (lane == 0) warp_stats[warp] = st;
     __syncthreads();
     if (warp == 0) {
-      st = lane < kWarps ? warp_stats[lane]
-                         : ThreadStats{math::lse_empty(), ArgMax{math::neg_inf(), 0}};
+      st = lane < kWarps ? warp_stats[lane] : math::row_empty();
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) st = merge(st, shfl_xor(st, off), inv_tau);
+      for (int off = 16; off > 0; off /= 2) st = math::row_merge<Base2>(st, shfl_xor(st, off), k);
       if (lane == 0) {
         const float log_s = logf(st.lse.s);
         const int64_t tg = targets[r];
@@ -183,10 +170,10 @@ row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, 
         value[r] = bad ? nan : math::lse_value(st.lse, tau, log_s);
         const float q = tg >= 0 && !bad ? cap_logit<kCap>(T::load(row[tg]), cap, inv_cap) : 0.0f;
         target_logit[r] = bad ? nan : q;
-        if (ent) entropy[r] = math::lse_entropy(st.lse, log_s);
-        if (amax) {
+        if (ent) entropy[r] = math::lse_entropy<Base2>(st.lse, log_s);
+        if (amax) {  // NaN policy: the first NaN wins (argmax_merge)
           argmax[r] = st.best.i;
-          max_logit[r] = st.lse.m;
+          max_logit[r] = st.best.v;
         }
       }
     }
@@ -200,12 +187,9 @@ row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, 
 // far; the flag is accepted here so that both devices share the op schema).
 template <bool kCap>
 __device__ __forceinline__ float grad_elem(float zraw, int64_t idx, int64_t tg, float value,
-                                           float inv_tau, float gv, float gt, float cap,
+                                           float k, float gv, float gt, float cap,
                                            float inv_cap, bool pre) {
-  const float c = pre ? zraw : cap_logit<kCap>(zraw, cap, inv_cap);
-  float d = math::policy_grad(c, value, inv_tau, gv) + (idx == tg ? gt : 0.0f);
-  if constexpr (kCap) d *= math::softcap_grad(c, inv_cap);
-  return d;
+  return math::row_grad_elem<Base2, kCap>(zraw, idx, tg, value, k, gv, gt, cap, inv_cap, pre);
 }
 
 // Grid: x over the vocabulary, y over rows (grid-stride).  `out` may be `z`
@@ -216,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
 row_grad_kernel(const typename Tin::storage* z, int64_t z_stride, typename Tout::storage* out,
                 int64_t out_stride, int64_t n, int64_t V, const int64_t* __restrict__ targets,
                 const float* __restrict__ value, const float* __restrict__ grad_value,
-                const float* __restrict__ grad_target, float inv_tau, float cap, float inv_cap,
+                const float* __restrict__ grad_target, float k, float cap, float inv_cap,
                 bool pre) {
   using Si = typename Tin::storage;
   using So = typename Tout::storage;
@@ -236,22 +220,22 @@ row_grad_kernel(const typename Tin::storage* z, int64_t z_stride, typename Tout:
     const int64_t nvec = (V - head) / kVec;
     for (int64_t i = tid; i < head; i += stride_x)
       orow[i] = Tout::store(
-          grad_elem<kCap>(Tin::load(zr[i]), i, tg, v, inv_tau, gv, gt, cap, inv_cap, pre));
+          grad_elem<kCap>(Tin::load(zr[i]), i, tg, v, k, gv, gt, cap, inv_cap, pre));
     const auto* vin = reinterpret_cast<const Pack<Si, kVec>*>(zr + head);
     auto* vout = reinterpret_cast<Pack<So, kVec>*>(orow + head);
-    for (int64_t k = tid; k < nvec; k += stride_x) {
-      const Pack<Si, kVec> p = vin[k];
+    for (int64_t vi = tid; vi < nvec; vi += stride_x) {
+      const Pack<Si, kVec> p = vin[vi];
       Pack<So, kVec> q;
-      const int64_t base = head + k * kVec;
+      const int64_t base = head + vi * kVec;
 #pragma unroll
       for (int j = 0; j < kVec; ++j)
-        q.v[j] = Tout::store(grad_elem<kCap>(Tin::load(p.v[j]), base + j, tg, v, inv_tau, gv, gt,
+        q.v[j] = Tout::store(grad_elem<kCap>(Tin::load(p.v[j]), base + j, tg, v, k, gv, gt,
                                              cap, inv_cap, pre));
-      vout[k] = q;
+      vout[vi] = q;
     }
     for (int64_t i = head + nvec * kVec + tid; i < V; i += stride_x)
       orow[i] = Tout::store(
-          grad_elem<kCap>(Tin::load(zr[i]), i, tg, v, inv_tau, gv, gt, cap, inv_cap, pre));
+          grad_elem<kCap>(Tin::load(zr[i]), i, tg, v, k, gv, gt, cap, inv_cap, pre));
   }
 }
 
@@ -316,7 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats
     auto launch = [&](auto kernel) {
       kernel<<<blocks, kThreads, 0, stream>>>(
           static_cast<const S*>(logits.data_ptr()), logits.stride(0), n, V,
-          targets.data_ptr<int64_t>(), spec.tau, spec.inv_tau, spec.cap, spec.inv_cap, entropy,
+          targets.data_ptr<int64_t>(), spec.tau, Base2::scale(spec.inv_tau), spec.cap,
+          spec.inv_cap, entropy,
           argmax, value.data_ptr<float>(), target_logit.data_ptr<float>(),
           entropy ? ent.data_ptr<float>() : nullptr, argmax ? amax.data_ptr<int64_t>() : nullptr,
           argmax ? maxl.data_ptr<float>() : nullptr);
@@ -354,7 +339,8 @@ void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::
             static_cast<const typename Ti::storage*>(logits.data_ptr()), logits.stride(0),
             static_cast<typename To::storage*>(out.data_ptr()), out.stride(0), n, V,
             targets.data_ptr<int64_t>(), v.data_ptr<float>(), gv.data_ptr<float>(),
-            gt.data_ptr<float>(), spec.inv_tau, spec.cap, spec.inv_cap, is_capped);
+            gt.data_ptr<float>(), Base2::scale(spec.inv_tau), spec.cap, spec.inv_cap,
+            is_capped);
       };
       if (softcap.has_value()) launch(row_grad_kernel<Ti, To, true>);
       else launch(row_grad_kernel<Ti, To, false>);

@@ -99,8 +99,41 @@ IQ_HD float exp_(float x) {
   return y;
 }
 
+// 2^x: on the GPU one ex2.approx instruction (relative error ~2^-22, results
+// below 2^-126 flushed to 0, NaN stays NaN); on the host exp_(x ln 2), so that
+// host builds (the CPU tests) run the same formulas.
+IQ_HD float exp2_(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp_(x * 0.693147180559945309f);
+#endif
+}
+
+// The base of the exponentials of a kernel.  BaseE (the CPU kernels): exp_,
+// arguments u = (z - m) / tau.  Base2 (the CUDA kernels): exp2_ on arguments
+// pre-scaled by log2(e), u2 = (z - m) * (log2(e) / tau): one multiply-add and
+// one hardware instruction per logit instead of a ~20-instruction polynomial.
+// `k` below is the scale of the base: Base::scale(inv_tau).  Sums of exp are
+// the same in both; e * u sums (entropy) are in base units, times kLn = ln(base).
+struct BaseE {
+  static IQ_HD float pow(float u) { return exp_(u); }
+  static IQ_HD float scale(float inv_tau) { return inv_tau; }
+  static constexpr float kLn = 1.0f;
+  static constexpr float kMinU = -104.0f;  // exp underflows to 0 before this
+};
+struct Base2 {
+  static IQ_HD float pow(float u) { return exp2_(u); }
+  static IQ_HD float scale(float inv_tau) { return inv_tau * 1.44269504088896341f; }
+  static constexpr float kLn = 0.693147180559945309f;
+  static constexpr float kMinU = -150.0f;  // 2^u underflows to 0 before this
+};
+
 // tanh(x) in float32, a few ulp: odd polynomial (Cephes tanhf) for |x| < 0.625,
 // 1 - 2 / (exp(2|x|) + 1) with the sign of x above.  NaN gives NaN.
+template <typename B = BaseE>
 IQ_HD float tanh_(float x) {
   float ax = x < 0.0f ? -x : x;
   float z = x * x;
@@ -110,15 +143,16 @@ IQ_HD float tanh_(float x) {
   small = fma_(small, z, 1.33314422036e-1f);
   small = fma_(small, z, -3.33332819422e-1f);
   small = fma_(small * z, x, x);
-  float e = exp_(2.0f * ax);
+  float e = B::pow(B::scale(2.0f) * ax);
   float big = 1.0f - 2.0f / (e + 1.0f);
   big = x < 0.0f ? -big : big;
   return ax < 0.625f ? small : big;
 }
 
 // The soft-capped logit c * tanh(z / c); inv_cap = 1 / c, or 0 for no cap.
+template <typename B = BaseE>
 IQ_HD float softcap(float z, float cap, float inv_cap) {
-  return inv_cap > 0.0f ? cap * tanh_(z * inv_cap) : z;
+  return inv_cap > 0.0f ? cap * tanh_<B>(z * inv_cap) : z;
 }
 
 // d(c * tanh(z / c)) / dz at the capped logit z_c: 1 - (z_c / c)^2.
@@ -130,9 +164,10 @@ IQ_HD float softcap_grad(float capped, float inv_cap) {
 // The policy's part of dL/dz of one logit, grad_value * p with
 // p = exp((z_c - V) / tau) (the difference first: exact where it matters, when
 // z_c is close to V).  The full gradient is
-// (this + grad_target * onehot) * softcap_grad(z_c).
-IQ_HD float policy_grad(float capped, float value, float inv_tau, float grad_value) {
-  return grad_value * exp_((capped - value) * inv_tau);
+// (this + grad_target * onehot) * softcap_grad(z_c).  k = B::scale(1 / tau).
+template <typename B = BaseE>
+IQ_HD float policy_grad(float capped, float value, float k, float grad_value) {
+  return grad_value * B::pow((capped - value) * k);
 }
 
 // The shift of a row's exponentials: its max, or 0 when the max is not finite
@@ -143,13 +178,14 @@ IQ_HD float safe_shift(float m) { return (m - m == 0.0f) ? m : 0.0f; }
 // clamped so that e * u is 0 (not NaN) where z_c = -inf.
 struct ExpTerm {
   float e;  // exp(u)
-  float eu; // exp(u) * u   (for the entropy)
+  float eu; // exp(u) * u   (for the entropy; u in base units, see BaseE / Base2)
 };
 
-IQ_HD ExpTerm exp_term(float capped, float shift, float inv_tau) {
-  float u = (capped - shift) * inv_tau;
-  float uc = u < -104.0f ? -104.0f : u;  // exp underflows to 0 before this
-  float e = exp_(u);
+template <typename B = BaseE>
+IQ_HD ExpTerm exp_term(float capped, float shift, float k) {
+  float u = (capped - shift) * k;
+  float uc = u < B::kMinU ? B::kMinU : u;
+  float e = B::pow(u);
   return ExpTerm{e, e * uc};
 }
 
@@ -165,18 +201,21 @@ struct LseState {
 IQ_HD LseState lse_empty() { return LseState{neg_inf(), 0.0f, 0.0f}; }
 
 // Rescale a state to a larger shift m_new (m_new >= a.m, m_new finite or a.s == 0).
-IQ_HD LseState lse_rescale(LseState a, float m_new, float inv_tau) {
+// t is in base units (see ExpTerm); k = B::scale(1 / tau).
+template <typename B = BaseE>
+IQ_HD LseState lse_rescale(LseState a, float m_new, float k) {
   if (a.s == 0.0f) return LseState{m_new, 0.0f, 0.0f};
-  float d = (safe_shift(a.m) - safe_shift(m_new)) * inv_tau;  // <= 0
-  float f = exp_(d);
+  float d = (safe_shift(a.m) - safe_shift(m_new)) * k;  // <= 0
+  float f = B::pow(d);
   return LseState{m_new, a.s * f, f * fma_(d, a.s, a.t)};
 }
 
-IQ_HD LseState lse_merge(LseState a, LseState b, float inv_tau) {
+template <typename B = BaseE>
+IQ_HD LseState lse_merge(LseState a, LseState b, float k) {
   // NaN in either max poisons the result, as it should.
   float m = (a.m != a.m || b.m != b.m) ? (a.m + b.m) : (a.m > b.m ? a.m : b.m);
-  LseState ra = lse_rescale(a, m, inv_tau);
-  LseState rb = lse_rescale(b, m, inv_tau);
+  LseState ra = lse_rescale<B>(a, m, k);
+  LseState rb = lse_rescale<B>(b, m, k);
   return LseState{m, ra.s + rb.s, ra.t + rb.t};
 }
 
@@ -185,8 +224,9 @@ IQ_HD float lse_value(LseState a, float tau, float log_s) {
   return safe_shift(a.m) + tau * log_s;
 }
 
-// H = log S - T / S.
-IQ_HD float lse_entropy(LseState a, float log_s) { return log_s - a.t / a.s; }
+// H = log S - T / S (T in natural units: B::kLn times the base-unit sum).
+template <typename B = BaseE>
+IQ_HD float lse_entropy(LseState a, float log_s) { return log_s - B::kLn * a.t / a.s; }
 
 // Running argmax: the larger value wins, the smaller index on ties, NaN wins
 // (as torch.max does).  Start from {-inf, 0} so that a row of -inf reports
@@ -205,6 +245,47 @@ IQ_HD ArgMax argmax_merge(ArgMax a, ArgMax b) {
   if (a.v > b.v) return a;
   if (b.v > a.v) return b;
   return a.i <= b.i ? a : b;
+}
+
+
+// ------------------------------------------------ per-element steps of a row
+// The CUDA kernels' (iq_cuda.cu) per-logit work, host-compilable so that
+// tests/test_iq_math.py runs exactly these functions on the CPU.
+
+// A row's running statistics: online log-sum-exp and argmax.
+struct RowState {
+  LseState lse;
+  ArgMax best;
+};
+
+IQ_HD RowState row_empty() { return RowState{lse_empty(), ArgMax{neg_inf(), 0}}; }
+
+// Adds capped logit c at column idx.  NaN policy (every backend, as torch.max):
+// the max used as the shift skips NaN, the sums do not (V is NaN), and the
+// argmax / max logit report the first NaN.
+template <typename B>
+IQ_HD void row_accumulate(RowState& st, float c, int64_t idx, float k, bool ent, bool amax) {
+  if (c > st.lse.m) st.lse = lse_rescale<B>(st.lse, c, k);
+  const ExpTerm e = exp_term<B>(c, safe_shift(st.lse.m), k);
+  st.lse.s += e.e;
+  if (ent) st.lse.t += e.eu;
+  if (amax) st.best = argmax_merge(st.best, ArgMax{c, idx});
+}
+
+template <typename B>
+IQ_HD RowState row_merge(RowState a, RowState b, float k) {
+  return RowState{lse_merge<B>(a.lse, b.lse, k), argmax_merge(a.best, b.best)};
+}
+
+// dL/dz of one logit: raw logit z (or the capped one when `pre`), target column
+// tg, value V, coefficients gv, gt; cap / inv_cap 0 without a soft cap.
+template <typename B, bool kCap>
+IQ_HD float row_grad_elem(float z, int64_t idx, int64_t tg, float value, float k, float gv,
+                          float gt, float cap, float inv_cap, bool pre) {
+  const float c = (pre || !kCap) ? z : cap * tanh_<B>(z * inv_cap);
+  float d = policy_grad<B>(c, value, k, gv) + (idx == tg ? gt : 0.0f);
+  if (kCap) d *= softcap_grad(c, inv_cap);
+  return d;
 }
 
 }  // namespace math

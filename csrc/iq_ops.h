@@ -60,14 +60,15 @@ inline bool is_logit_dtype(at::ScalarType t) {
 }
 
 // A (n, V) logits block: float32 / bfloat16 / float16, unit stride along the
-// vocabulary, any row stride.
+// vocabulary (any stride when V == 1: only element 0 of a row is read), any
+// row stride.
 inline void check_logits(const at::Tensor& z, const char* name) {
   TORCH_CHECK(z.dim() == 2, "fastirl: ", name, " must be 2-D (rows, vocab), got shape ",
               z.sizes());
   TORCH_CHECK(is_logit_dtype(z.scalar_type()), "fastirl: ", name,
               " must be float32, bfloat16 or float16, got ", z.scalar_type());
   TORCH_CHECK(z.size(1) >= 1, "fastirl: ", name, " has an empty vocabulary");
-  TORCH_CHECK(z.stride(1) == 1 || z.size(0) == 0, "fastirl: ", name,
+  TORCH_CHECK(z.stride(1) == 1 || z.size(1) == 1 || z.size(0) == 0, "fastirl: ", name,
               " must be contiguous along the vocabulary (stride(1) == 1), got strides ",
               z.strides());
   TORCH_CHECK(z.size(0) <= 1 || z.stride(0) >= z.size(1), "fastirl: ", name,

@@ -54,6 +54,11 @@ def test_tiny_run_writes_csv_table_and_plots(tmp_path):
     for name, r in sweep.items():
         assert r["status"] == "ok" and r["fb_ms_all"] == main_rows[name]["fb_ms_all"]
     assert "fastirl-torch" in text and "time / naive" in text
+    # the roofline model's prediction beside the measurement
+    assert "predicted (/ measured)" in text and "roofline model" in text
+    for name in ("naive", "fastirl-torch", "matmul-floor"):
+        assert float(main_rows[name]["predicted_ms"]) > 0, name
+        assert main_rows[name]["predicted_on"]
     assert (out / "table.md").read_text().count("|") > 10
     assert (out / "summary.png").stat().st_size > 0
     assert (out / "tokens.png").stat().st_size > 0

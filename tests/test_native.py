@@ -618,3 +618,137 @@ def test_missing_sources_are_an_import_error(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_CSRC", tmp_path)
     with pytest.raises(ImportError, match="sources are missing"):
         native._jit("fastirl_missing", ("iq_cpu.cpp",), cuda=False)
+
+
+# ------------------------------------------------- robustness (issue 11, item 4)
+
+def test_nan_policy_matches_torch():
+    """One NaN policy for every backend (torch.max's): a NaN logit makes the
+    value NaN, the max logit NaN and the argmax its first NaN column."""
+    z = torch.randn(4, 300)
+    z[0, 7] = z[0, 250] = float("nan")
+    z[2, 299] = float("nan")
+    t = torch.tensor([1, 2, 3, -1])
+    spec = LogitSpec(entropy=True, argmax=True, softcap=20.0)
+    ref = TorchChunkedBackend().logits_forward(z.clone(), t, spec)
+    for be in (get_backend("cpu"), TorchChunkedBackend()):
+        st = be.logits_forward(z.clone(), t, spec)
+        assert st.argmax.tolist() == [7, ref.argmax[1].item(), 299, ref.argmax[3].item()]
+        assert torch.isnan(st.max_logit[[0, 2]]).all() and torch.isnan(st.value[[0, 2]]).all()
+        assert torch.isfinite(st.max_logit[[1, 3]]).all()
+        assert torch.equal(st.argmax, ref.argmax)
+    # the fused linear path (capped in place) too
+    x, w = torch.randn(3, 8), torch.randn(40, 8)
+    w[5] = float("nan")
+    st, _ = get_backend("cpu").forward(x, w, None, torch.tensor([0, 1, 2]), spec, keep=True)
+    assert st.argmax.tolist() == [5, 5, 5] and torch.isnan(st.max_logit).all()
+
+
+def test_ops_accept_n_by_1_blocks_with_any_column_stride():
+    """A (n, 1) block may carry any column stride (e.g. a transposed (1, n))."""
+    z = torch.randn(1, 6).t()                                  # shape (6, 1), strides (1, 6)
+    assert z.stride() == (1, 6)
+    t = torch.zeros(6, dtype=torch.long)
+    value, q, *_ = ops.row_stats(z, t, 1.0, None, False, False)
+    assert torch.allclose(value, z[:, 0]) and torch.allclose(q, z[:, 0])
+    out = torch.empty(1, 6).t()
+    ops.row_grad(z, t, value, torch.ones(6), -torch.ones(6), 1.0, None, out)
+    assert torch.allclose(out, torch.zeros(6, 1), atol=1e-6)     # p = 1 minus the one-hot
+
+
+def test_build_lock_removes_a_stale_torch_lock(tmp_path):
+    import threading
+    import time
+    lock = tmp_path / "lock"
+    lock.write_text("")                                      # left by a killed build
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with native.build_lock(tmp_path, stale_after=300):
+        assert not lock.exists()
+    # a fresh one (an older fastirl building without the fcntl lock) is waited for
+    lock.write_text("")
+    threading.Timer(0.5, lock.unlink).start()
+    t0 = time.time()
+    with native.build_lock(tmp_path, stale_after=300):
+        assert not lock.exists()
+    assert 0.4 < time.time() - t0 < 5
+    # ... but never forever
+    lock.write_text("")
+    t0 = time.time()
+    with native.build_lock(tmp_path, stale_after=1.0):
+        assert not lock.exists()
+    assert time.time() - t0 < 5
+    # a fastirl builder killed inside its build left its owner file: no wait at all
+    (tmp_path / ".fastirl-build.owner").write_text("12345")
+    lock.write_text("")
+    t0 = time.time()
+    with native.build_lock(tmp_path, stale_after=300):
+        assert not lock.exists()
+    assert time.time() - t0 < 2
+    assert not (tmp_path / ".fastirl-build.owner").exists()
+
+
+def test_build_lock_waits_for_a_live_builder_not_a_dead_one(tmp_path):
+    import sys
+    import threading
+    import time
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time\n"
+         f"f = open({str(tmp_path / '.fastirl-build.lock')!r}, 'a+')\n"
+         "fcntl.flock(f.fileno(), fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        got = threading.Event()
+
+        def take():
+            with native.build_lock(tmp_path):
+                got.set()
+        th = threading.Thread(target=take, daemon=True)
+        th.start()
+        assert not got.wait(0.5)                 # a live builder holds it
+        holder.kill()                            # the builder dies mid-build
+        holder.wait()
+        t0 = time.time()
+        assert got.wait(10), "the lock of a dead process must not block"
+        assert time.time() - t0 < 10
+        th.join(5)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_prebuilt_extension_checks(tmp_path, monkeypatch):
+    """A prebuilt module built against another torch, or without a kernel image
+    for the GPU, is not imported (the JIT build is used instead)."""
+    import json
+    pkg = tmp_path / "fakeext"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    mod = pkg / "_C.py"
+    mod.write_text("raise AssertionError('must not be imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert native.prebuilt_problem("fakeext._C", "cpu") is None          # no build info: as before
+    native.build_info_path(str(mod)).write_text(json.dumps({"torch": "0.0.1", "cuda_archs": []}))
+    assert "built against torch 0.0.1" in native.prebuilt_problem("fakeext._C", "cpu")
+    native.build_info_path(str(mod)).write_text(json.dumps({"torch": torch.__version__}))
+    assert native.prebuilt_problem("fakeext._C", "cpu") is None
+    assert native.prebuilt_problem("fakeext._nope", "cpu") == "not built"
+    cov = native._arch_covered
+    assert cov(["8.0", "9.0+PTX"], (8, 6)) and cov(["8.0", "9.0+PTX"], (9, 0))
+    assert cov(["8.0", "9.0+PTX"], (10, 0)) and cov(["8.0", "9.0+PTX"], (12, 0))
+    assert not cov(["8.0", "9.0"], (10, 0)) and not cov(["9.0"], (8, 0))
+    assert not cov(["8.6"], (8, 0))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("spec", [LogitSpec(), LogitSpec(softcap=3.0, temperature=0.7,
+                                                          entropy=True, argmax=True)])
+def test_cuda_backend_python_path_on_cpu_tensors(keep, dtype, spec):
+    """The "cuda" backend's Python side (GEMM + epilogue base: blocks in the input
+    dtype, dz in place, float32 dW, float16 scaling) run on CPU tensors, where
+    the same ops dispatch to the CPU kernels."""
+    check_backend(native.NativeCUDABackend(), "cpu", dtype, keep=keep, spec=spec)

@@ -23,7 +23,7 @@ import fastirl
 from fastirl.backends import get_backend, resolve_backend
 from fastirl.backends.base import LogitSpec
 from fastirl.backends.torch_chunked import TorchChunkedBackend
-from fastirl.backends.triton_kernels import INTERPRET, TritonBackend
+from fastirl.backends.triton_kernels import INTERPRET, TritonBackend, TritonFusedBackend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -127,7 +127,7 @@ def test_forward_fp32(shape, feat):
     x, w, b, t = make(n, H, V, bias=FEATURES[feat].get("bias", False))
     spec = spec_of(FEATURES[feat])
     splits = 3 if shape == SHAPES[-1] else None            # 257 columns: 3 vocabulary splits
-    st, state = TritonBackend(fwd_splits=splits).forward(x, w, b, t, spec, keep=True)
+    st, state = TritonFusedBackend(fwd_splits=splits).forward(x, w, b, t, spec, keep=True)
     assert state is None
     ref = truth(x, w, b, t, spec)
     for k in ("value", "target_logit"):
@@ -153,7 +153,7 @@ def test_forward_argmax_ties_take_first():
     top = 5.0 * x[0].sign() / H ** 0.5
     w[3], w[130], w[200] = top, top, top          # row 0: equal maxima at 3, 130 and 200
     spec = LogitSpec(argmax=True)
-    st, _ = TritonBackend(fwd_splits=3).forward(x, w, None, t, spec, keep=False)
+    st, _ = TritonFusedBackend(fwd_splits=3).forward(x, w, None, t, spec, keep=False)
     ref = TorchChunkedBackend().forward(x, w, None, t, spec, keep=False)[0]
     assert st.argmax[0].item() == 3
     assert torch.equal(st.argmax, ref.argmax)
@@ -163,7 +163,7 @@ def test_forward_large_logits_stable():
     """Logits of magnitude ~1e3 (no overflow in exp; online rescaling exact)."""
     x, w, b, t = make(9, 16, 130, scale=300.0)
     spec = LogitSpec(temperature=0.5, entropy=True)
-    st, _ = TritonBackend(fwd_splits=2).forward(x, w, b, t, spec, keep=False)
+    st, _ = TritonFusedBackend(fwd_splits=2).forward(x, w, b, t, spec, keep=False)
     ref = truth(x, w, b, t, spec)
     assert torch.isfinite(st.value).all() and torch.isfinite(st.entropy).all()
     close_fp32(st.value, ref["value"], "value")
@@ -203,7 +203,7 @@ def test_backward_fp32(case):
     db0 = torch.randn(V, generator=g).to(DEVICE) if want_b else None
     dw = None if dw0 is None else dw0.clone()
     db = None if db0 is None else db0.clone()
-    be = TritonBackend(bwd_splits=splits)
+    be = TritonFusedBackend(bwd_splits=splits)
     dx = be.backward(x, w, b, t, value, gv, gt, spec, None, need_x=need_x, dweight=dw, dbias=db)
     if need_x:
         assert dx.dtype == x.dtype and dx.shape == x.shape
@@ -223,7 +223,7 @@ def test_backward_matches_torch_backend_all_features():
     x, w, b, t = make(n, H, V, bias=True, seed=3)
     spec = spec_of(FEATURES["all"])
     gv, gt = coefficients(n, seed=4)
-    tb, rb = TritonBackend(), TorchChunkedBackend()
+    tb, rb = TritonFusedBackend(), TorchChunkedBackend()
     st, _ = tb.forward(x, w, b, t, spec, keep=False)
     sr, _ = rb.forward(x, w, b, t, spec, keep=False)
     for k in ("value", "target_logit", "entropy", "max_logit"):
@@ -253,13 +253,13 @@ def test_unaligned_and_strided_operands():
     spec = LogitSpec(softcap=4.0)
     gv, gt = coefficients(n)
     ref = truth(x, w, b, t, spec, gv, gt)
-    st, _ = TritonBackend().forward(x, w, b, t, spec, keep=False)
+    st, _ = TritonFusedBackend().forward(x, w, b, t, spec, keep=False)
     close_fp32(st.value, ref["value"], "value")
     close_fp32(st.target_logit, ref["target_logit"], "q")
     for det in (True, False):
         dwT = torch.zeros(H, V, device=DEVICE).T            # stride (1, V)
         db = torch.zeros(V + 1, device=DEVICE)[1:]
-        dx = TritonBackend().backward(x, w, b, t, ref["value"].float(), gv, gt,
+        dx = TritonFusedBackend().backward(x, w, b, t, ref["value"].float(), gv, gt,
                                       replace(spec, deterministic=det), None, need_x=True,
                                       dweight=dwT, dbias=db)
         close_fp32(dx, ref["dx"], "dx")
@@ -282,7 +282,7 @@ def test_low_precision(dtype, feat, det):
     gv, gt = coefficients(n, seed=8)
     ref = truth(x, w, b, t, spec, gv, gt)
     low = naive(x, w, b, t, spec, gv, gt)
-    be = TritonBackend(fwd_splits=2)
+    be = TritonFusedBackend(fwd_splits=2)
     st, _ = be.forward(x, w, b, t, spec, keep=False)
     assert st.value.dtype == torch.float32
     no_worse(st.value, low["value"], ref["value"], dtype, "value")
@@ -374,6 +374,7 @@ def test_registry_and_supports():
     be = get_backend("triton")
     assert be.name == "triton"
     assert be.supports(DEVICE)
+    assert get_backend("triton-fused").name == "triton-fused"
     if INTERPRET:
         assert be.supports(torch.device("cpu"))
         assert resolve_backend("auto", torch.device("cpu")).name != "triton"
@@ -395,7 +396,7 @@ def test_load_without_gpu_or_interpreter_says_why():
 
 
 def test_rows_per_chunk():
-    be = TritonBackend()
+    be = TritonFusedBackend()
     assert be.rows_per_chunk(100, 1000, 64, torch.bfloat16, 7) == 7
     assert be.rows_per_chunk(5, 1000, 64, torch.bfloat16, None) == 5
     r = be.rows_per_chunk(10**7, 128256, 8192, torch.bfloat16, None)
@@ -488,7 +489,7 @@ def test_aot_compile_no_spills(tmp_path):
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.exists(), proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert {r["kernel"] for r in res} == {"linear_fwd", "linear_bwd_rows", "linear_bwd_vocab",
+    assert {r["kernel"] for r in res} == {"linear_fwd", "linear_bwd_rows",
                                           "logits_stats", "logits_grad", "merge"}
     assert {(r["arch"], r["config"].split("/")[0]) for r in res if r["kernel"] == "linear_fwd"} \
         == {(80, "sm80"), (90, "sm90")}
@@ -500,3 +501,210 @@ def test_aot_compile_no_spills(tmp_path):
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r["variant"]
         assert 0 <= r["shared"] <= limit[r["arch"]], r["variant"]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------
+# the GEMM + epilogue backend ("triton"): single pass from the kept block
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("feat", ["plain", "all"], ids=str)
+def test_epilogue_backend_single_pass(dtype, feat):
+    n, H, V = SHAPES[2]
+    has_bias = FEATURES[feat].get("bias", False)
+    x, w, b, t = make(n, H, V, dtype, bias=has_bias, seed=13)
+    spec = spec_of(FEATURES[feat])
+    gv, gt = coefficients(n, seed=14)
+    ref = truth(x, w, b, t, spec, gv, gt)
+    be = TritonBackend(fwd_splits=3)
+    st, block = be.forward(x, w, b, t, spec, keep=True)
+    assert block.dtype == dtype and block.shape == (n, V)         # never a float32 copy
+    dw = torch.zeros(V, H, device=DEVICE)
+    db = torch.zeros(V, device=DEVICE) if has_bias else None
+    dx = be.backward(x, w, b, t, st.value, gv, gt, spec, block, need_x=True, dweight=dw,
+                     dbias=db)
+    assert dx.dtype == dtype
+    if dtype == torch.float32:
+        for k in ("value", "target_logit"):
+            close_fp32(getattr(st, k), ref[k], k)
+        close_fp32(dx, ref["dx"], "dx")
+        close_fp32(dw, ref["dw"], "dW")
+    else:
+        low = naive(x, w, b, t, spec, gv, gt)
+        no_worse(st.value, low["value"], ref["value"], dtype, "value")
+        no_worse(dx, low["dx"], ref["dx"], dtype, "dx")
+        no_worse(dw, low["dw"], ref["dw"], dtype, "dW")
+    if spec.argmax:
+        assert torch.equal(st.argmax, torch.argmax(F.linear(x, w, b).float(), 1)) \
+            or dtype != torch.float32
+
+
+# --------------------------------------------------------------------------
+# launch planning: pure functions, no GPU
+# --------------------------------------------------------------------------
+def test_launch_planning_without_gpu():
+    from fastirl.backends import triton_kernels as tk
+    h100, a100 = tk.gpu_info("h100"), tk.gpu_info("a100")
+    for dev in (h100, a100):
+        for n in (1024, 8192, 16384, 65536):
+            fwd, merge = tk.plan_fused_forward(n, 128256, 4096, torch.bfloat16, dev=dev)
+            cfg = fwd.config
+            assert fwd.grid[0] == -(-n // cfg.block_m) * fwd.splits
+            assert fwd.grid[0] >= tk.WAVES * dev.sm_count             # many waves
+            assert fwd.blocks_per_split >= tk.MIN_BLOCKS_PER_SPLIT
+            assert fwd.group_m * cfg.block_m * 4096 * 2 <= dev.l2_bytes // 4 or fwd.group_m == 1
+            assert fwd.splits * fwd.blocks_per_split >= -(-128256 // cfg.block_n)
+            assert merge.splits == fwd.splits
+            if dev is h100:
+                assert cfg.block_m >= 64                              # wgmma tiles
+        (bwd,) = tk.plan_fused_backward(8192, 128256, 4096, torch.bfloat16, dev=dev,
+                                        deterministic=False)
+        assert bwd.kernel == "linear_bwd_rows" and bwd.stagger
+    det = tk.plan_fused_backward(8192, 128256, 4096, torch.bfloat16, dev=h100, deterministic=True)
+    kinds = {lc.kernel for lc in det}
+    assert kinds == {"gemm_logits", "logits_grad", "gemm_dx", "gemm_dw"}
+    assert sum(lc.grid[1] for lc in det if lc.kernel == "gemm_logits") == 128256
+    assert max(lc.grid[0] * lc.grid[1] * 2 for lc in det if lc.kernel == "gemm_logits") \
+        <= tk._SLAB_BYTES
+    epi = tk.plan_epilogue(8192, 128256, 4096, torch.bfloat16, dev=h100, rows_per_chunk=3000)
+    assert [lc.kernel for lc in epi].count("gemm_logits") == 3
+    assert sum(lc.rows for lc in epi if lc.kernel == "gemm_dw") == 8192
+    assert tk.plan_fused_forward(0, 10, 16, torch.float32, dev=h100) == []
+    with pytest.raises(ValueError, match="gpu must be one of"):
+        tk.gpu_info("v100")
+
+
+def test_cuda_without_index_is_the_current_device(monkeypatch):
+    from fastirl.backends import triton_kernels as tk
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert tk.device_index(torch.device("cuda")) == 3
+    assert tk.device_index(torch.device("cuda", 1)) == 1
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    """Triton launches on the current device: every launch is wrapped in the
+    inputs' device (a head on cuda:1 with cuda:0 current)."""
+    from fastirl.backends import triton_kernels as tk
+    seen = []
+    real = tk._device_guard
+
+    def guard(device):
+        seen.append(device)
+        return real(device)
+    monkeypatch.setattr(tk, "_device_guard", guard)
+    n, H, V = SHAPES[1]
+    x, w, b, t = make(n, H + 8, V, bias=True)                     # H = 48: fused kernels
+    gv, gt = coefficients(n)
+    for be, det in ((TritonFusedBackend(), True), (TritonFusedBackend(), False),
+                    (TritonBackend(), True)):
+        spec = LogitSpec(deterministic=det)
+        seen.clear()
+        st, _ = be.forward(x, w, b, t, spec, keep=False)
+        be.backward(x, w, b, t, st.value, gv, gt, spec, None, need_x=True,
+                    dweight=torch.zeros(V, H + 8, device=DEVICE),
+                    dbias=torch.zeros(V, device=DEVICE))
+        assert len(seen) >= 2 and all(d == x.device for d in seen)
+
+
+def test_kernels_do_not_specialize_on_row_counts():
+    """Chunks of different lengths reuse one compiled kernel."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from fastirl.backends import triton_linear as K, triton_logits as L\n"
+            "for k in (K.linear_fwd_kernel, K.linear_bwd_rows_kernel, L.logits_stats_kernel,\n"
+            "          L.logits_grad_kernel, L.merge_kernel):\n"
+            "    print(k.fn.__name__, sorted(p.name for p in k.params if p.do_not_specialize))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert len(lines) == 5 and all("'n'" in v for v in lines.values()), out
+    assert "'nsplit'" in lines["linear_bwd_rows_kernel"]
+    assert "'group_m'" in lines["linear_fwd_kernel"]
+
+
+def test_no_copy_of_weight_when_hidden_is_not_a_multiple_of_16():
+    """H = 40: the fused backend hands such operands to the GEMM + epilogue path
+    instead of copying W into a padded buffer on every call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    n, H, V = SHAPES[1]
+    x, w, b, t = make(n, H, V, bias=True)
+    copies = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == V
+                    and out.shape[1] >= H and name in ("clone", "_to_copy", "copy_", "zeros",
+                                                       "empty", "constant_pad_nd", "new_zeros",
+                                                       "empty_strided", "cat")):
+                copies.append(name)
+            return out
+    gv, gt = coefficients(n)
+    dw = torch.zeros(V, H, device=DEVICE)
+    for det in (True, False):
+        spec = LogitSpec(deterministic=det, softcap=5.0)
+        with Spy():
+            be = TritonFusedBackend()
+            st, _ = be.forward(x, w, b, t, spec, keep=False)
+            be.backward(x, w, b, t, st.value, gv, gt, spec, None, need_x=True, dweight=dw,
+                        dbias=None)
+    assert not copies, copies
+
+
+@pytest.mark.parametrize("backend", ["epilogue", "fused-det", "fused-fast"])
+def test_fp16_small_coefficients_do_not_underflow(backend):
+    """float16 dz of a mean over ~1e6 tokens (|A|, |B| ~ 1e-6, p ~ 1e-3): rounded
+    to float16 unscaled it would be mostly zero (smallest subnormal 6e-8)."""
+    n, H, V = SHAPES[2]
+    x, w, b, t = make(n, H + 8, V, torch.float16, seed=17)         # H = 48
+    t[t < 0] = 3
+    gv, gt = (c * 1e-6 for c in coefficients(n, seed=18))
+    spec = LogitSpec(deterministic=backend != "fused-fast")
+    ref = truth(x, w, b, t, spec, gv, gt)
+    be = TritonBackend() if backend == "epilogue" else TritonFusedBackend()
+    st, state = be.forward(x, w, b, t, spec, keep=True)
+    dw = torch.zeros(V, H + 8, device=DEVICE)
+    dx = be.backward(x, w, b, t, ref["value"].float(), gv, gt, spec, state, need_x=True,
+                     dweight=dw, dbias=None)
+    rel = err(dw, ref["dw"]) / ref["dw"].abs().max().item()        # float32 accumulator
+    assert rel < 1e-2, f"dW: relative error {rel:.3g}"
+    # dx (~1e-6) is itself a float16 subnormal: within 2x its own rounding error
+    best = err(ref["dx"].to(torch.float16), ref["dx"])
+    assert err(dx, ref["dx"]) <= 2 * best + 1e-3 * ref["dx"].abs().max().item()
+
+
+def test_fused_kernels_with_planned_groups_and_splits(monkeypatch):
+    """The planner's own grid (several splits, L2 groups of row blocks, staggered
+    walks) rather than a forced split count: as if on a 3-SM GPU."""
+    from fastirl.backends import triton_kernels as tk
+    dev = tk.DeviceInfo("interp", 3, 1 << 20)
+    monkeypatch.setattr(tk, "device_info", lambda device, interpret=tk.INTERPRET: dev)
+    n, H, V = 40, 16, 1030                       # 2 row blocks x 9 vocabulary blocks
+    (fwd, _), (bwd,) = (tk.plan_fused_forward(n, V, H, torch.float32, dev=dev),
+                        tk.plan_fused_backward(n, V, H, torch.float32, dev=dev,
+                                               deterministic=False))
+    assert fwd.splits > 1 and fwd.group_m > 1 and bwd.stagger and bwd.blocks_per_split > 1
+    x, w, b, t = make(n, H, V, bias=True, seed=23)
+    spec = LogitSpec(softcap=8.0, entropy=True, argmax=True, deterministic=False)
+    gv, gt = coefficients(n, seed=24)
+    ref = truth(x, w, b, t, spec, gv, gt)
+    be = TritonFusedBackend()
+    st, _ = be.forward(x, w, b, t, spec, keep=False)
+    for k in ("value", "target_logit", "entropy", "max_logit"):
+        close_fp32(getattr(st, k), ref[k], k)
+    assert torch.equal(st.argmax, ref["argmax"])
+    dw, db = torch.zeros(V, H, device=DEVICE), torch.zeros(V, device=DEVICE)
+    dx = be.backward(x, w, b, t, st.value, gv, gt, spec, None, need_x=True, dweight=dw, dbias=db)
+    close_fp32(dx, ref["dx"], "dx")
+    close_fp32(dw, ref["dw"], "dW")
+    close_fp32(db, ref["db"], "db")
+
+
+def test_epilogue_chunks_come_from_the_chunk_policy():
+    from fastirl.backends import chunking
+    be = TritonBackend()
+    hw = chunking.hardware_for("cuda")
+    for n, V, H, dt in ((8192, 128256, 4096, torch.bfloat16), (300, 5000, 64, torch.float32)):
+        assert be.rows_per_chunk(n, V, H, dt, None) == chunking.rows_per_chunk(
+            n, V, H, dt, device="cuda", hardware=hw)
+    assert be.rows_per_chunk(100, 1000, 64, torch.bfloat16, 7) == 7

@@ -1,5 +1,7 @@
-"""Triton backend on a real GPU: compiled kernels (tensor cores, atomics, real
+"""Triton backends on a real GPU: compiled kernels (tensor cores, atomics, real
 scheduling) at realistic sizes.  Skipped without CUDA (see conftest.py).
+``TritonFusedBackend`` ("triton-fused") for the fused linear kernels,
+``TritonBackend`` ("triton": cuBLAS + Triton epilogues) for stored logits.
 
 Written without access to a GPU: run it on one before relying on it.
 """
@@ -16,7 +18,7 @@ if torch.cuda.is_available():   # the module imports kernels compiled for the de
     from fastirl.backends import resolve_backend
     from fastirl.backends.base import LogitSpec
     from fastirl.backends.torch_chunked import TorchChunkedBackend
-    from fastirl.backends.triton_kernels import TritonBackend
+    from fastirl.backends.triton_kernels import TritonBackend, TritonFusedBackend
 
 from test_triton import EPS, close_fp32, err, naive, no_worse, truth  # noqa: E402
 
@@ -49,7 +51,7 @@ def test_linear_low_precision(dtype, deterministic, n):
                      deterministic=deterministic)
     ref = truth(x, w, b, t, spec, gv, gt)
     low = naive(x, w, b, t, spec, gv, gt)
-    be = TritonBackend()
+    be = TritonFusedBackend()
     st, _ = be.forward(x, w, b, t, spec, keep=False)
     no_worse(st.value, low["value"], ref["value"], dtype, "value")
     no_worse(st.target_logit, low["target_logit"], ref["target_logit"], dtype, "q")
@@ -71,7 +73,7 @@ def test_linear_fp32(tf32):
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        be = TritonBackend()
+        be = TritonFusedBackend()
         st, _ = be.forward(x, w, b, t, spec, keep=False)
         dw = torch.zeros(V, H, device=DEV)
         db = torch.zeros(V, device=DEV)
@@ -92,7 +94,7 @@ def test_deterministic_is_bitwise_reproducible():
     n, H, V = 777, 768, 20000
     x, w, b, t, gv, gt = make(n, H, V, torch.bfloat16, seed=3)
     spec = LogitSpec(softcap=15.0)
-    be = TritonBackend()
+    be = TritonFusedBackend()
     st, _ = be.forward(x, w, b, t, spec, keep=False)
     outs = []
     for _ in range(3):
@@ -109,7 +111,7 @@ def test_deterministic_is_bitwise_reproducible():
 def test_fast_matches_deterministic():
     n, H, V = 513, 640, 9000
     x, w, b, t, gv, gt = make(n, H, V, torch.bfloat16, seed=4)
-    be = TritonBackend()
+    be = TritonFusedBackend()
     res = []
     for det in (True, False):
         spec = LogitSpec(deterministic=det)
@@ -158,7 +160,7 @@ def test_iq_loss_matches_torch_backend(preset):
     y = torch.randint(0, V, (B, T), device=DEV, generator=g)
     y[:, :32] = -100
     res = []
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "triton-fused", "cuda", "torch"):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss = fastirl.iq_loss(hh, ww, y, td_weight=0.2, softcap=30.0, backend=backend,
                                preset=preset)
@@ -167,5 +169,7 @@ def test_iq_loss_matches_torch_backend(preset):
     ref = fastirl.reference.iq_loss(h.double(), w.double(), y, td_weight=0.2,
                                     softcap=30.0)
     assert abs(res[0][0].item() - ref.item()) <= 2 * abs(res[1][0].item() - ref.item()) + 1e-3
-    for a, c in zip(res[0][1:], res[1][1:]):
-        assert err(a, c) <= 0.02 * max(c.abs().max().item(), 1e-6)
+    for r in res[:-1]:
+        assert abs(r[0].item() - ref.item()) <= 2 * abs(res[-1][0].item() - ref.item()) + 1e-3
+        for a, c in zip(r[1:], res[-1][1:]):
+            assert err(a, c) <= 0.02 * max(c.abs().max().item(), 1e-6)

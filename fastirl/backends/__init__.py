@@ -19,14 +19,21 @@ __all__ = ["Backend", "LogitSpec", "RowStats", "available_backends", "get_backen
            "resolve_backend", "BACKENDS"]
 
 # name -> "module:attribute" of a zero-argument loader.
+# "triton" and "cuda" are the same design (cuBLAS GEMMs + one fused epilogue
+# kernel per chunk, see fastirl.backends.gemm_epilogue) with Triton or CUDA
+# epilogue kernels; "triton-fused" never stores logits (Triton GEMM tiles with
+# the reductions fused in) and is only used when asked for by name.
 BACKENDS: dict[str, str] = {
     "torch": "fastirl.backends.torch_chunked:load",
     "triton": "fastirl.backends.triton_kernels:load",
+    "triton-fused": "fastirl.backends.triton_kernels:load_fused",
     "cpu": "fastirl.backends.native:load_cpu",
     "cuda": "fastirl.backends.native:load_cuda",
 }
 
-# Preference order of ``backend="auto"`` per device type.
+# Preference order of ``backend="auto"`` per device type.  CUDA: the Triton
+# epilogue first (no compiler needed at run time; the kernels the CPU tests run
+# under the interpreter), then the CUDA one, whose extension must be built.
 _AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 

@@ -27,17 +27,23 @@ for gradcheck); the kernels take float32 / bfloat16 / float16 blocks.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
+import importlib.util
+import json
 import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .base import LogitSpec, RowStats
+from .gemm_epilogue import GemmEpilogueBackend
 from .torch_chunked import _BUDGET as _TORCH_BUDGET
 from .torch_chunked import TorchChunkedBackend
 
@@ -62,7 +68,6 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-linei
 # 2-core Xeon of docs/native.md, 192-524 rows at V = 32k were within noise of
 # each other; the three GEMMs dominate either way.
 _CPU_BUDGET = _TORCH_BUDGET["cpu"]
-_CUDA_BUDGET = _TORCH_BUDGET["cuda"]
 
 _lock = threading.Lock()
 _loaded: dict[str, str] = {}
@@ -111,19 +116,127 @@ def _jit(name: str, sources: tuple[str, ...], cuda: bool) -> str:
                           f"with a C++ compiler")
     out = build_dir() / name
     out.mkdir(parents=True, exist_ok=True)
-    log.info("fastirl: compiling the %s extension into %s (first use only)", name, out)
+    # torch rebuilds when the sources or flags change, not the headers: a digest
+    # of all of them in the flags makes a header edit rebuild too.
+    digest = hashlib.sha1(b"".join((_CSRC / f).read_bytes()
+                                   for f in sources + _HEADERS)).hexdigest()[:16]
+    tag = [f"-DFASTIRL_SOURCE_DIGEST={digest}"]
     kwargs: dict[str, Any] = dict(
         name=name, sources=[str(_CSRC / s) for s in sources], build_directory=str(out),
-        extra_cflags=CXX_FLAGS, extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)],
-        is_python_module=False, verbose=os.environ.get("FASTIRL_VERBOSE_BUILD") == "1")
+        extra_cflags=CXX_FLAGS + tag, extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(_CSRC)], is_python_module=False,
+        verbose=os.environ.get("FASTIRL_VERBOSE_BUILD") == "1")
     if cuda:
-        kwargs["extra_cuda_cflags"] = NVCC_FLAGS
+        kwargs["extra_cuda_cflags"] = NVCC_FLAGS + tag
         kwargs["with_cuda"] = True
     try:
-        cpp_extension.load(**kwargs)
+        with build_lock(out):
+            log.info("fastirl: building (or loading the cached build of) the %s extension in %s",
+                     name, out)
+            cpp_extension.load(**kwargs)
     except Exception as exc:  # compiler missing, build error: the reason, as an ImportError
         raise ImportError(f"fastirl: could not build the native extension {name!r}: {exc}") from exc
     return f"jit:{out}"
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path, stale_after: float | None = None):
+    """Exclusive lock of a JIT build directory, held around the build and load.
+
+    An ``fcntl`` lock: the OS releases it when its holder exits or is killed,
+    so a crashed build never blocks later processes; concurrent processes
+    (e.g. the ranks of one node) wait for the first one's build and then load
+    it.  torch's own ``lock`` file (a FileBaton, on which torch waits forever
+    when a killed build left it behind) is stale when the previous holder of
+    this lock died (its ``.fastirl-build.owner`` file is still there): it is
+    removed at once.  Otherwise it can only belong to a process that does not
+    take this lock (an older fastirl): it is waited for while it is younger
+    than ``stale_after`` seconds (``$FASTIRL_STALE_LOCK_S``, default 300:
+    longer than any build of these sources), then removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if stale_after is None:
+        stale_after = float(os.environ.get("FASTIRL_STALE_LOCK_S", "300"))
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: torch's baton alone
+        yield
+        return
+    with open(directory / ".fastirl-build.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        owner = directory / ".fastirl-build.owner"
+        try:
+            # a leftover owner file: the last holder died inside its build
+            _clear_stale_baton(directory / "lock", 0.0 if owner.exists() else stale_after)
+            owner.write_text(str(os.getpid()))
+            yield
+        finally:
+            owner.unlink(missing_ok=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _clear_stale_baton(path: Path, stale_after: float) -> None:
+    while True:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after:
+            log.warning("fastirl: removing the stale build lock %s (%.0f s old, left by a build "
+                        "that did not finish)", path, age)
+            path.unlink(missing_ok=True)
+            return
+        time.sleep(min(1.0, stale_after - age))
+
+
+def build_info_path(origin: str) -> Path:
+    """The JSON file setup.py writes beside a built extension module: the torch
+    version and CUDA architectures it was built for."""
+    return Path(origin + ".json")
+
+
+def _arch_covered(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether code built for ``archs`` (TORCH_CUDA_ARCH_LIST entries such as
+    "8.0", "9.0+PTX") runs on a device of ``capability``: a cubin on the same
+    major version with a minor version at most the device's, PTX on any
+    device at least as new (the driver compiles it)."""
+    for a in archs:
+        ptx = a.endswith("+PTX")
+        try:
+            major, minor = (int(v) for v in a.removesuffix("+PTX").split(".")[:2])
+        except ValueError:
+            continue
+        if (major == capability[0] and minor <= capability[1]) or (
+                ptx and (major, minor) <= capability):
+            return True
+    return False
+
+
+def prebuilt_problem(module: str, kind: str) -> str | None:
+    """Why the prebuilt ``module`` must not be imported (None when it may be):
+    not built, built against another torch version (its ABI), or (CUDA) no
+    kernel image for a visible device.  Checked before importing it: importing
+    an extension built against another torch can crash the process."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return "not built"
+    path = build_info_path(spec.origin)
+    if not path.is_file():
+        return None             # built before build info existed: trusted as before
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"unreadable build info {path}"
+    built = info.get("torch")
+    if built and built != torch.__version__:
+        return f"built against torch {built}, running torch {torch.__version__}"
+    archs = info.get("cuda_archs") or []
+    if kind == "cuda" and archs and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            if not _arch_covered(archs, cap):
+                return (f"built for {';'.join(archs)}, no kernel image for cuda:{i} "
+                        f"(sm_{cap[0]}{cap[1]})")
+    return None
 
 
 def _load(kind: str) -> str:
@@ -150,11 +263,16 @@ def _load_unlocked(kind: str) -> None:
     module = "fastirl._C" if kind == "cpu" else "fastirl._C_cuda"
     where = None
     if os.environ.get("FASTIRL_FORCE_JIT") != "1":
-        try:
-            importlib.import_module(module)
-            where = module
-        except ImportError:
-            where = None
+        problem = prebuilt_problem(module, kind)
+        if problem is None:
+            try:
+                importlib.import_module(module)
+                where = module
+            except ImportError:
+                where = None
+        elif problem != "not built":
+            log.warning("fastirl: not using the prebuilt %s (%s); compiling from source instead",
+                        module, problem)
     if where is None:
         if kind == "cpu":
             where = _jit("fastirl_cpu", _CPU_SOURCES, cuda=False)
@@ -181,6 +299,7 @@ def _register_fakes() -> None:
                 logits.new_empty((n if argmax else 0,), dtype=torch.int64, device=logits.device),
                 logits.new_empty((n if argmax else 0,), **f32))
 
+    torch.library.register_fake("fastirl::acc_add_")(lambda acc, src: None)
     torch.library.register_fake("fastirl::row_stats")(stats)
     torch.library.register_fake("fastirl::row_stats_capped_")(stats)
 
@@ -211,8 +330,24 @@ def _stats(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec,
         out = torch.ops.fastirl.row_stats(z, targets, float(spec.temperature), spec.softcap,
                                           spec.entropy, spec.argmax)
     value, q, ent, amax, maxl = out
+    if spec.argmax and z.device.type == "cpu":
+        _nan_argmax(z, value, amax, maxl)
     return RowStats(value, q, ent if spec.entropy else None, amax if spec.argmax else None,
                     maxl if spec.argmax else None)
+
+
+def _nan_argmax(z: torch.Tensor, value: torch.Tensor, amax: torch.Tensor,
+                maxl: torch.Tensor) -> None:
+    """The NaN policy of every backend (torch.max's): a row holding a NaN logit
+    has max logit NaN and argmax its first NaN column.  The CPU kernel skips
+    NaN in its max (its value is NaN all the same), so those rows, found by
+    their NaN value, are redone here (rare; no device sync on the CPU)."""
+    rows = torch.nonzero(torch.isnan(value)).flatten()
+    if rows.numel():
+        m, i = z[rows].float().max(dim=1)
+        nan = torch.isnan(m)
+        maxl[rows[nan]] = m[nan]
+        amax[rows[nan]] = i[nan]
 
 
 class _NativeBackend:
@@ -329,6 +464,15 @@ class NativeCPUBackend(_NativeBackend):
     def _block_bytes(self, dtype: torch.dtype) -> int:
         return 4 if dtype == torch.float32 else 2
 
+    def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
+                       chunk_size: int | None) -> int:
+        # The cost model's policy: W / dW traffic per chunk against the block's memory.
+        if chunk_size is None and not self._native(dtype):
+            return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, None)
+        from .chunking import rows_per_chunk
+        return rows_per_chunk(n, vocab, hidden, dtype, device="cpu", chunk_size=chunk_size,
+                              block_itemsize=self._block_bytes(dtype))
+
     def _logits(self, x, weight, bias) -> torch.Tensor:
         # float32 block for float32 inputs, the input dtype otherwise
         return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
@@ -344,30 +488,54 @@ class NativeCPUBackend(_NativeBackend):
 
 
 # Rows of dW computed per low-precision GEMM: the temporary is at most this many
-# bytes (a slab of the vocabulary), never a (V, H) copy.
-_DW_SLAB_BYTES = 8 << 20
+# bytes (a slab of the vocabulary), never a (V, H) copy.  Every slab GEMM packs
+# x afresh, so slabs must be large: at B=2 T=4096 H=2048 V=128256 bf16 (2048-row
+# chunks) a forward+backward took 1.3x as long with 8 MiB slabs as with 64 MiB
+# ones, and 1.9x with 1 MiB ones.
+_DW_SLAB_BYTES = 64 << 20
 
 
 def _addmm_lowp(dweight: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
-    """dweight (V, H) float32 += dz.T @ x with dz (n, V), x (n, H) in bf16 / fp16."""
+    """dweight (V, H) float32 += dz.T @ x with dz (n, V), x (n, H) in bf16 / fp16.
+    The partials are added by ``fastirl::acc_add_`` (converted in registers:
+    torch's mixed-dtype ``add_`` would first copy each to a float32 temporary)."""
     V, H = dweight.shape
     rows = max(1, min(V, _DW_SLAB_BYTES // (max(H, 1) * x.element_size())))
     tmp = torch.empty((rows, H), dtype=x.dtype, device=x.device)
     for v0 in range(0, V, rows):
         v1 = min(V, v0 + rows)
         part = torch.mm(dz[:, v0:v1].t(), x, out=tmp[: v1 - v0])
-        dweight[v0:v1].add_(part)
+        torch.ops.fastirl.acc_add_(dweight[v0:v1], part)
 
 
-class NativeCUDABackend(_NativeBackend):
-    """CUDA epilogue kernels around cuBLAS GEMMs; float32 logits blocks."""
+class NativeCUDABackend(GemmEpilogueBackend):
+    """``backend="cuda"``: cuBLAS GEMMs + the CUDA epilogue kernels per chunk
+    (see :mod:`fastirl.backends.gemm_epilogue`): logits blocks in the input
+    dtype, dz written in place in it, dW accumulated in float32 by cuBLAS."""
 
     name = "cuda"
-    _device_type = "cuda"
-    _budget = _CUDA_BUDGET
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+    def _row_stats(self, z, targets, spec: LogitSpec) -> RowStats:
+        if z.dim() == 2 and z.shape[1] > 1 and z.stride(1) != 1:
+            z = z.contiguous()
+        return _stats(z, targets, spec)
+
+    def _row_grad(self, z, targets, value, grad_value, grad_target, spec, out) -> None:
+        args = (targets, value, grad_value, grad_target, float(spec.temperature), spec.softcap)
+        if out.data_ptr() == z.data_ptr() and out.dtype == z.dtype and out.stride() == z.stride():
+            torch.ops.fastirl.row_grad_(out, *args)
+            return
+        if z.shape[1] > 1 and z.stride(1) != 1:
+            z = z.contiguous()
+        if out.shape[1] > 1 and out.stride(1) != 1:
+            tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            torch.ops.fastirl.row_grad(z, *args, tmp)
+            out.copy_(tmp)
+            return
+        torch.ops.fastirl.row_grad(z, *args, out)
 
 
 def load_cpu() -> NativeCPUBackend:

@@ -1,7 +1,7 @@
 """Pure-PyTorch backend: rows in chunks, the logits of one chunk at a time.
 
 Per chunk of c rows it holds one float32 (c, V) block (two with soft-capping and
-entropy), sized by a memory budget, never the (N, V) logits.  Statistics use a
+entropy), sized by :mod:`.chunking`, never the (N, V) logits.  Statistics use a
 max-shifted exponential computed in place:
 
     e = exp((z - max z) / tau),  S = sum_v e,  V = max z + tau * log S
@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
+from . import chunking
 from .base import LogitSpec, RowStats, acc_dtype
 
-# Bytes of float32 logits one chunk may hold.  Large enough for efficient GEMMs
-# (hundreds of rows at a 32k-128k vocabulary), small against the (N, V) logits.
-_BUDGET = {"cpu": 64 << 20, "cuda": 1 << 30}
+# The smallest logits-block budgets of the chunk policy (kept for callers of
+# the old per-device budget; the policy itself is fastirl.backends.chunking).
+_BUDGET = {"cpu": chunking.CPU.min_block_bytes, "cuda": chunking.GPUS["h100"].min_block_bytes}
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -90,10 +91,11 @@ class TorchChunkedBackend:
 
     def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
                        chunk_size: int | None) -> int:
-        if chunk_size is not None:
-            return max(1, min(chunk_size, n))
-        budget = _BUDGET["cuda" if torch.cuda.is_available() and dtype != torch.float64 else "cpu"]
-        return max(1, min(n, budget // (4 * max(vocab, 1))))
+        # float32 (float64) logits blocks, on CUDA when a device is present
+        device = "cuda" if torch.cuda.is_available() and dtype != torch.float64 else "cpu"
+        return chunking.rows_per_chunk(n, vocab, hidden, dtype, device=device,
+                                       chunk_size=chunk_size,
+                                       block_itemsize=acc_dtype(dtype).itemsize)
 
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
         z = _logits(x, weight, bias, spec)
@@ -118,8 +120,8 @@ class TorchChunkedBackend:
         dz = _grad_inplace(e, scale, targets, grad_target, capped, spec)
         if dbias is not None:
             dbias.add_(dz.sum(dim=0))
-        if dweight is not None:
-            dweight.addmm_(dz.t(), x.to(dweight.dtype))
+        if dweight is not None:   # (addmm with out=: an op FlopCounterMode counts)
+            torch.addmm(dweight, dz.t(), x.to(dweight.dtype), out=dweight)
         if not need_x:
             return None
         return dz.to(weight.dtype) @ weight

@@ -19,11 +19,11 @@ dtype, float32 dot precision (tf32x3 / tf32), every gradient mode
 (bias, soft cap, entropy, argmax) all on and all off (``--flags extremes``,
 the default) or in every combination (``--flags all``).
 Each is compiled with the two extreme divisibility specialisations a launch
-can get (see ``_specs``: pointers, and for the linear kernels H and the row
-strides, are always multiples of 16 because the backend pads or copies the
-rare input that is not; the sizes n, V may or may not be); launches with a
-mixture fall between the two.  Integer arguments equal to 1, which Triton
-also specialises at launch, are not enumerated (they only fold constants).
+can get (see ``_specs``): every pointer and integer a multiple of 16, or the
+fewest the backend allows (linear kernels: aligned pointers, H and row strides
+multiples of 16, as triton-fused launches them only on such operands; logits
+kernels: nothing); launches with a mixture fall between the two.
+Sizes that vary per call are ``do_not_specialize`` (never specialised).
 
 Must run with TRITON_INTERPRET unset (under the interpreter ``triton.jit``
 returns interpreted functions); the ``__main__`` entry and
@@ -106,7 +106,6 @@ def _kernels():
     return {
         "linear_fwd": K.linear_fwd_kernel,
         "linear_bwd_rows": K.linear_bwd_rows_kernel,
-        "linear_bwd_vocab": K.linear_bwd_vocab_kernel,
         "logits_stats": L.logits_stats_kernel,
         "logits_grad": L.logits_grad_kernel,
         "merge": L.merge_kernel,
@@ -121,17 +120,13 @@ def _arg_types(kernel: str, dt: str, flags: dict) -> dict:
         return dict(x_ptr=X, w_ptr=X, b_ptr=X, tgt_ptr=i64p, pm_ptr=f32p, ps_ptr=f32p,
                     pw_ptr=f32p, pq_ptr=f32p, pi_ptr=i32p, n="i32", V="i32", H="i32",
                     stride_x="i32", stride_w="i32", vb_per_split="i32", nsplit="i32",
-                    inv_tau="fp32", cap="fp32")
+                    group_m="i32", inv_tau="fp32", cap="fp32")
     if kernel == "linear_bwd_rows":
         return dict(x_ptr=X, w_ptr=X, b_ptr=X, tgt_ptr=i64p, value_ptr=f32p, gv_ptr=f32p,
                     gt_ptr=f32p, dx_ptr=f32p, dw_ptr=f32p, db_ptr=f32p, n="i32", V="i32",
                     H="i32", stride_x="i32", stride_w="i32", stride_dw="i32",
-                    vb_per_split="i32", nsplit="i32", inv_tau="fp32", cap="fp32")
-    if kernel == "linear_bwd_vocab":
-        return dict(x_ptr=X, w_ptr=X, b_ptr=X, tgt_ptr=i64p, value_ptr=f32p, gv_ptr=f32p,
-                    gt_ptr=f32p, dw_ptr=f32p, db_ptr=f32p, n="i32", V="i32", H="i32",
-                    stride_x="i32", stride_w="i32", stride_dw="i32", inv_tau="fp32",
-                    cap="fp32")
+                    vb_per_split="i32", nsplit="i32", group_m="i32", stagger="i32",
+                    inv_tau="fp32", cap="fp32")
     if kernel == "logits_stats":
         return dict(z_ptr=X, tgt_ptr=i64p, pm_ptr=f32p, ps_ptr=f32p, pw_ptr=f32p,
                     pq_ptr=f32p, pi_ptr=i32p, n="i32", V="i32", stride_z="i32",
@@ -148,25 +143,29 @@ def _arg_types(kernel: str, dt: str, flags: dict) -> dict:
     raise KeyError(kernel)
 
 
-# The backend launches the linear kernels only with 16-byte aligned pointers
-# and H / row strides that are multiples of 16 (it pads or copies the rare
-# input that is not), and the logits kernels only with aligned pointers.  The
-# remaining integer arguments (n, V, ...) may or may not be multiples of 16.
+# Arguments never specialised (do_not_specialize in the kernels).
+NO_SPEC = ("n", "vb_per_split", "nsplit", "group_m", "stagger")
+
+
+# The fused linear kernels are launched only on 16-byte aligned pointers with
+# H and the row strides multiples of 16 (triton-fused hands other operands to
+# the GEMM + epilogue path: unvectorised tile loads spill), so their worst case
+# is "ptr+align"; the logits kernels take any pointer and stride ("none").
 ALIGN_INTS = ("H", "stride_x", "stride_w", "stride_dw")
 
 
 def _specs(kernel: str, key: tuple, sig: dict):
     """The two extreme divisibility specialisations a launch can get:
-    (name, arguments specialised as divisible by 16)."""
+    (name, arguments specialised as divisible by 16), the worst last."""
     ptrs = tuple(a for a, t in sig.items() if t.startswith("*"))
-    ints = tuple(a for a, t in sig.items() if t == "i32")
+    ints = tuple(a for a, t in sig.items() if t == "i32" and a not in NO_SPEC)
     if kernel.startswith("linear"):
         return [("all", ptrs + ints), ("ptr+align", ptrs + tuple(a for a in ints
                                                                  if a in ALIGN_INTS))]
-    return [("all", ptrs + ints), ("ptr", ptrs)]
+    return [("all", ptrs + ints), ("none", ())]
 
 
-WORST_MODES = ("-", "det:dx", "fast:dx+dw+db", "det:dw+db")
+WORST_MODES = ("-", "fast:dx+dw+db")
 
 
 def _flag_sets(names: list[str], how: str):
@@ -182,21 +181,13 @@ def _flag_sets(names: list[str], how: str):
 
 
 def _bwd_modes(has_bias: bool):
-    """(mode name, constexprs) of linear_bwd_rows as the host launches it."""
-    yield "det:dx", dict(DX=True, DX_ATOMIC=False, FAST_DW=False, FAST_DB=False)
+    """(mode name, constexprs) of linear_bwd_rows as the host launches it (fast
+    mode only: the deterministic backward is GEMMs + logits_grad)."""
     for need_x, dw, db in itertools.product((False, True), repeat=3):
         if db and not has_bias or not (need_x or dw):
-            continue            # db alone goes to linear_bwd_vocab
+            continue            # db alone goes to the slab path
         name = "fast:" + "+".join(k for k, on in (("dx", need_x), ("dw", dw), ("db", db)) if on)
-        yield name, dict(DX=need_x, DX_ATOMIC=True, FAST_DW=dw, FAST_DB=db)
-
-
-def _vocab_modes(has_bias: bool):
-    for dw, db in ((True, False), (False, True), (True, True)):
-        if db and not has_bias:
-            continue
-        name = "det:" + "+".join(k for k, on in (("dw", dw), ("db", db)) if on)
-        yield name, dict(DW=dw, DB=db)
+        yield name, dict(DX=need_x, DW=dw, DB=db)
 
 
 def variants(flags: str = "extremes", kernels=None, dtypes=("fp32", "bf16", "fp16")):
@@ -212,7 +203,7 @@ def variants(flags: str = "extremes", kernels=None, dtypes=("fp32", "bf16", "fp1
             if key[0] == "interp":
                 continue
             for dt in dtypes:
-                if kernel in ("linear_fwd", "linear_bwd_rows", "linear_bwd_vocab"):
+                if kernel in ("linear_fwd", "linear_bwd_rows"):
                     if (dt == "fp32") != (key[1] == "32"):
                         continue
                     precs = ("tf32x3", "tf32") if dt == "fp32" else ("ieee",)
@@ -229,13 +220,10 @@ def variants(flags: str = "extremes", kernels=None, dtypes=("fp32", "bf16", "fp1
 
 def _kernel_variants(kernel, key, cfg, dt, precs, flags):
     tiles = {
-        "linear_fwd": dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                           GROUP_M=cfg.group_m),
+        "linear_fwd": dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
         "linear_bwd_rows": dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                 BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
-                                GROUP_M=cfg.group_m),
-        "linear_bwd_vocab": dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h),
+                                SCALE_DZ=dt == "fp16"),
         "logits_stats": dict(BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n),
         "logits_grad": dict(BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n, INTERP=False),
         "merge": dict(BLOCK=cfg.block_m),
@@ -243,7 +231,6 @@ def _kernel_variants(kernel, key, cfg, dt, precs, flags):
     names = {
         "linear_fwd": ["HAS_BIAS", "SOFTCAP", "ENTROPY", "ARGMAX"],
         "linear_bwd_rows": ["HAS_BIAS", "SOFTCAP"],
-        "linear_bwd_vocab": ["HAS_BIAS", "SOFTCAP"],
         "logits_stats": ["SOFTCAP", "ENTROPY", "ARGMAX"],
         "logits_grad": ["SOFTCAP"],
         "merge": ["ENTROPY", "ARGMAX"],
@@ -252,8 +239,6 @@ def _kernel_variants(kernel, key, cfg, dt, precs, flags):
         for fl in _flag_sets(names, flags):
             if kernel == "linear_bwd_rows":
                 modes = list(_bwd_modes(fl["HAS_BIAS"]))
-            elif kernel == "linear_bwd_vocab":
-                modes = list(_vocab_modes(fl["HAS_BIAS"]))
             else:
                 modes = [("-", {})]
             for mode, mflags in modes:

@@ -1,29 +1,50 @@
-"""Triton backend: fused linear + streaming logsumexp kernels (no (n, V) logits).
+"""Triton backends and their launch planning.
 
-Implements :class:`fastirl.backends.base.Backend` with the kernels of
-:mod:`.triton_linear` (x, W -> statistics / gradients) and
-:mod:`.triton_logits` (stored logits).  Semantics mirror
-:mod:`.torch_chunked` exactly; see the comments above each kernel for the
-derivations.
+Two backends share the kernels of :mod:`.triton_logits` / :mod:`.triton_linear`:
 
-Passes
-------
-forward      ``linear_fwd_kernel`` over (row block, vocabulary split) programs
-             writes per-split partials (max, sum exp, entropy sum, target
-             logit, argmax), ``merge_kernel`` turns them into RowStats.
-backward     recomputes the logits tiles; ``spec.deterministic`` (default):
-             ``linear_bwd_rows_kernel`` for dx (per-split float32 buffers
-             summed in a fixed order) and ``linear_bwd_vocab_kernel`` for
-             dW / db (each program owns its vocabulary rows): no atomics,
-             bitwise reproducible.  Fast mode: one ``linear_bwd_rows_kernel``
-             pass that adds dx, dW and db with float32 atomics (three GEMMs
-             instead of four).
-``keep`` is ignored: forward keeps nothing and backward recomputes.
+``backend="triton"`` (:class:`TritonBackend`, the default on CUDA)
+    cuBLAS GEMMs + the Triton epilogue kernels per chunk of rows
+    (:class:`fastirl.backends.gemm_epilogue.GemmEpilogueBackend`): the logits
+    block in the input dtype, ``logits_stats_kernel`` (+ ``merge_kernel``)
+    for the statistics, ``logits_grad_kernel`` writing dz in place, then the
+    dx / dW GEMMs with dW accumulated in float32.
+``backend="triton-fused"`` (:class:`TritonFusedBackend`)
+    the logits are never stored: ``linear_fwd_kernel`` (row block x
+    vocabulary split programs, partials merged by ``merge_kernel``); backward
+    fast (``preset="fast"``): ``linear_bwd_rows_kernel`` adds dx, dW, db with
+    float32 atomics, each program walking its split from a staggered start;
+    deterministic (default): vocabulary slabs, dz of one slab from the logits
+    GEMM and ``logits_grad_kernel`` then two GEMMs (no read-modify-write of
+    float32 tiles, no atomics).  Not picked by ``auto``.
 
-Tile configurations come from fixed tables (``CONFIGS``) chosen by a
-heuristic, not a runtime autotuner, so that every launchable variant is known
-ahead of time; :mod:`.triton_aot` compiles all of them for sm_80 / sm_90 and
-reports registers, spills and shared memory.
+Launch planning (pure functions: no GPU, no tensors; what the backends launch
+and what the cost model :mod:`fastirl.bench.roofline` reads)
+------------------------------------------------------------------------------
+``DeviceInfo(arch, sm_count, l2_bytes)``, ``device_info(device)``,
+``gpu_info(name)`` for "a100" / "h100" / "h200";
+``Launch`` (kernel, grid, config, splits, blocks_per_split, group_m, stagger,
+rows, vocab, hidden);
+``plan_grid(row_blocks, vocab_blocks, block_m=, block_n=, hidden=, itemsize=,
+dev=, requested=None)`` -> ``(splits, blocks_per_split, group_m)``;
+``plan_fused_forward(n, vocab, hidden, dtype, dev=, ...)`` -> [Launch];
+``plan_fused_backward(n, vocab, hidden, dtype, dev=, deterministic=, need_x=,
+need_weight=, need_bias=, ...)`` -> [Launch] (GEMMs as kernels "gemm_logits",
+"gemm_dx", "gemm_dw" with ``grid = (m, n, k)``);
+``plan_logits_forward(n, vocab, dtype, dev=)`` / ``plan_logits_backward(...)``
+-> [Launch] (the epilogue kernels of one chunk);
+``plan_epilogue(n, vocab, hidden, dtype, dev=, rows_per_chunk=, need_x=,
+need_weight=, need_bias=, single_pass=)`` -> [Launch] (every launch of the
+"triton" backend's forward + backward; the "cuda" backend launches the same
+GEMMs around its two CUDA epilogue kernels);
+``slab_columns(n, vocab, dtype)`` (vocabulary columns per slab of the
+deterministic fused backward); ``config_key`` / ``pick_config`` (tile tables).
+
+Tile configurations come from fixed tables (``CONFIGS``), not a runtime
+autotuner, so that every launchable variant is known ahead of time;
+:mod:`.triton_aot` compiles all of them for sm_80 / sm_90 and reports
+registers, spills and shared memory.  Sizes that vary between calls (rows,
+splits) are ``do_not_specialize`` arguments: one compilation serves every
+chunk.  Every launch runs under the inputs' device (``torch.cuda.device``).
 
 Inputs other than float32 / bfloat16 / float16 (float64) are delegated to the
 PyTorch backend.  Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors
@@ -32,6 +53,8 @@ PyTorch backend.  Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,6 +62,7 @@ from functools import lru_cache
 import torch
 
 from .base import LogitSpec, RowStats
+from .gemm_epilogue import GemmEpilogueBackend, dz_scale, grad_gemms
 
 try:
     import triton  # noqa: F401  (fail here, with the reason, when Triton is missing)
@@ -49,17 +73,20 @@ from . import triton_linear as K
 from . import triton_logits as L
 from .torch_chunked import TorchChunkedBackend
 
-__all__ = ["TritonBackend", "TileConfig", "CONFIGS", "pick_config", "config_key", "load",
-           "INTERPRET"]
+__all__ = ["TritonBackend", "TritonFusedBackend", "TileConfig", "CONFIGS", "pick_config",
+           "config_key", "load", "load_fused", "INTERPRET", "DeviceInfo", "Launch", "device_info",
+           "gpu_info", "plan_grid", "plan_fused_forward", "plan_fused_backward",
+           "plan_logits_forward", "plan_logits_backward", "plan_epilogue", "slab_columns"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Float32 scratch the deterministic dx pass may use for per-split partial sums.
-_DX_SCRATCH_BYTES = 256 << 20
-# Float32 dx buffer bound used by rows_per_chunk (one chunk's dx in float32).
+# Bound of the rows of one engine chunk of the fused backend: its float32 dx
+# accumulator (deterministic mode) stays under this many bytes.
 _CHUNK_BYTES = 1 << 30
+# Bytes of the dz block of one vocabulary slab of the deterministic fused backward.
+_SLAB_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -70,7 +97,7 @@ class TileConfig:
     block_n: int = 0        # vocabulary columns per tile (BLOCK_V)
     block_k: int = 0        # K step of the logits GEMM
     block_h: int = 0        # H slice of the dx / dW GEMMs
-    group_m: int = 8
+    group_m: int = 8        # unused by the planner (kept for the AOT report's labels)
     num_warps: int = 4
     num_stages: int = 3
 
@@ -81,11 +108,11 @@ class TileConfig:
 # registers, so smaller tiles; see arch_class);
 # dtype "16" (bf16 / fp16) or "32" (float32, 3xTF32 or TF32 dots, which need
 # twice the operand registers); size "small" (n <= 64 rows), "large" or "any".
-# Every entry compiles without register spills (see triton_aot / notes).  The
-# linear kernels are only launched on 16-byte aligned pointers with H and the
-# row strides multiples of 16 (the backend pads / copies otherwise), so
-# Triton always vectorises their tile loads.  Logits kernels: key ("any",
-# vocabulary class).  "interp": the interpreter (large tiles, few programs).
+# sm90 tiles have BLOCK_M >= 64: a Hopper warpgroup MMA (wgmma) is 64 rows
+# tall, and Triton falls back to mma.sync for a 32-row tile.  Every entry
+# compiles without register spills (see triton_aot / docs/triton.md).
+# Logits kernels: key ("any", vocabulary class).  "interp": the interpreter
+# (large tiles, few programs).
 CONFIGS: dict[str, dict[tuple[str, ...], TileConfig]] = {
     "linear_fwd": {
         ("sm90", "16", "large"): TileConfig(128, 128, 64, 0, 8, 8, 3),
@@ -96,21 +123,11 @@ CONFIGS: dict[str, dict[tuple[str, ...], TileConfig]] = {
         ("interp",): TileConfig(32, 128, 32, 0, 4, 4, 1),
     },
     "linear_bwd_rows": {
-        ("sm90", "16", "large"): TileConfig(64, 128, 64, 64, 8, 8, 3),
-        ("sm90", "16", "small"): TileConfig(32, 128, 64, 64, 8, 8, 3),
-        ("sm90", "32", "any"): TileConfig(32, 64, 32, 16, 8, 8, 2),
+        ("sm90", "16", "any"): TileConfig(64, 128, 64, 64, 8, 8, 3),
+        ("sm90", "32", "any"): TileConfig(64, 32, 32, 16, 8, 4, 2),
         ("sm80", "16", "any"): TileConfig(64, 128, 64, 32, 8, 8, 3),
         ("sm80", "32", "any"): TileConfig(32, 64, 32, 16, 8, 8, 2),
         ("interp",): TileConfig(32, 128, 32, 32, 4, 4, 1),
-    },
-    "linear_bwd_vocab": {
-        ("sm90", "16", "large"): TileConfig(64, 128, 64, 64, 1, 8, 3),
-        ("sm90", "16", "small"): TileConfig(32, 128, 64, 64, 1, 8, 3),
-        ("sm90", "32", "any"): TileConfig(32, 64, 32, 32, 1, 8, 2),
-        ("sm80", "16", "large"): TileConfig(64, 128, 64, 32, 1, 8, 3),
-        ("sm80", "16", "small"): TileConfig(32, 128, 64, 32, 1, 8, 3),
-        ("sm80", "32", "any"): TileConfig(32, 64, 32, 32, 1, 8, 2),
-        ("interp",): TileConfig(32, 128, 32, 32, 1, 4, 1),
     },
     "logits_stats": {
         ("any", "v256"): TileConfig(16, 256, num_warps=8),
@@ -130,27 +147,14 @@ CONFIGS: dict[str, dict[tuple[str, ...], TileConfig]] = {
     },
 }
 
-LINEAR_KERNELS = ("linear_fwd", "linear_bwd_rows", "linear_bwd_vocab")
+LINEAR_KERNELS = ("linear_fwd", "linear_bwd_rows")
 LOGITS_KERNELS = ("logits_stats", "logits_grad")
-
-
-def arch_class(device: torch.device) -> str:
-    """Config family of a CUDA device: "sm90" for Hopper and datacenter Blackwell
-    (capability 9.x / 10.x: ~227 KiB shared memory per block), else "sm80"
-    (8.x, and consumer parts such as 8.9 / 12.x with ~99 KiB: the sm80 configs
-    use at most 60 KiB)."""
-    return "sm90" if _capability(device.index or 0)[0] in (9, 10) else "sm80"
-
-
-@lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def config_key(kernel: str, *, dtype: torch.dtype = torch.float32, n: int = 0, vocab: int = 0,
                arch: str = "sm90", interpret: bool = INTERPRET) -> tuple[str, ...]:
     """The key in CONFIGS[kernel] the backend launches for these sizes."""
-    if interpret:
+    if interpret or arch == "interp":
         return ("interp",)
     if kernel in LINEAR_KERNELS:
         dc = "32" if dtype == torch.float32 else "16"
@@ -178,72 +182,412 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# ---------------------------------------------------------------- planning
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the planner needs of a device.  sm_count 0: no parallel device (CPU
+    under the interpreter): one vocabulary split unless one is requested."""
+
+    arch: str = "sm90"          # CONFIGS family: "sm90", "sm80" or "interp"
+    sm_count: int = 132
+    l2_bytes: int = 50 << 20
+
+
+# Public figures of the GPUs the cost model knows (arch class, SMs, L2 bytes).
+_GPUS = {"a100": DeviceInfo("sm80", 108, 40 << 20), "h100": DeviceInfo("sm90", 132, 50 << 20),
+         "h200": DeviceInfo("sm90", 132, 50 << 20)}
+INTERP_DEVICE = DeviceInfo("interp", 0, 0)
+
+
+def gpu_info(name: str) -> DeviceInfo:
+    """DeviceInfo of a named GPU ("a100", "h100", "h200")."""
+    try:
+        return _GPUS[name.lower()]
+    except KeyError:
+        raise ValueError(f"gpu must be one of {sorted(_GPUS)}, got {name!r}") from None
+
+
+def device_index(device: torch.device) -> int:
+    """The CUDA ordinal of ``device``; ``cuda`` without an index is the current one."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    arch = "sm90" if props.major in (9, 10) else "sm80"
+    return DeviceInfo(arch, props.multi_processor_count,
+                      int(getattr(props, "L2_cache_size", 0)) or (40 << 20))
 
 
-def _splits(device: torch.device, row_blocks: int, vocab_blocks: int,
-            requested: int | None, cap: int | None = None) -> tuple[int, int]:
-    """(number of vocabulary splits, vocabulary blocks per split): enough
-    (row block, split) programs to fill the device twice over."""
+def device_info(device: torch.device, interpret: bool = INTERPRET) -> DeviceInfo:
+    """DeviceInfo of a tensor's device (INTERP_DEVICE for CPU / the interpreter).
+    Hopper and datacenter Blackwell (capability 9.x / 10.x, ~227 KiB shared
+    memory per block) use the "sm90" configs, others (8.x, and consumer parts
+    such as 8.9 / 12.x with ~99 KiB) the "sm80" ones (at most 60 KiB)."""
+    if interpret or device.type != "cuda":
+        return INTERP_DEVICE
+    return _cuda_info(device_index(device))
+
+
+def _device_guard(device: torch.device):
+    """Launch under the tensors' device (Triton launches on the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of a plan.  Kernels: the CONFIGS names, plus "gemm_logits",
+    "gemm_dx", "gemm_dw" for cuBLAS GEMMs (then ``grid = (m, n, k)`` of an
+    (m, k) @ (k, n) product in the input dtype, float32 output for "gemm_dw")."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    config: TileConfig | None = None
+    splits: int = 1             # vocabulary splits (row kernels)
+    blocks_per_split: int = 0   # vocabulary blocks each split walks
+    group_m: int = 1            # row blocks per L2 group of the program order
+    stagger: bool = False       # programs start their walk at different blocks
+    rows: int = 0
+    vocab: int = 0
+    hidden: int = 0
+    dtype: str = ""             # input dtype name ("bfloat16", ...)
+
+
+# At least this many waves of (row block, split) programs: the last, partial
+# wave then idles at most ~1/WAVES of the SMs' time (one wave of 1-2 programs
+# per SM idles up to half of it).
+WAVES = 4
+# Vocabulary blocks per split at least, so that a program's row loads, target
+# logit and partial store are amortised over several logits tiles.
+MIN_BLOCKS_PER_SPLIT = 4
+
+
+def _group_m(row_blocks: int, splits: int, block_m: int, block_n: int, hidden: int,
+             itemsize: int, dev: DeviceInfo) -> int:
+    """Row blocks per group of the program order (see ``swizzle``).  The
+    programs resident at once are G row blocks x (SMs / G) splits; per step
+    they read G x panels (block_m x H) and SMs / G W panels (block_n x H),
+    a working set that is smallest at G = sqrt(SMs * block_n / block_m) and
+    must stay in L2 (x panels within a quarter of it)."""
+    if dev.sm_count <= 0 or hidden <= 0:
+        return 1
+    g = max(1, round(math.sqrt(dev.sm_count * block_n / block_m)))
+    if dev.l2_bytes:
+        g = min(g, max(1, dev.l2_bytes // (4 * block_m * hidden * itemsize)))
+    g = max(g, _cdiv(dev.sm_count, max(splits, 1)))   # few splits: all residents share W
+    return max(1, min(g, row_blocks))
+
+
+def plan_grid(row_blocks: int, vocab_blocks: int, *, block_m: int, block_n: int, hidden: int,
+              itemsize: int, dev: DeviceInfo, requested: int | None = None
+              ) -> tuple[int, int, int]:
+    """(splits, vocabulary blocks per split, group_m) of a (row block, split) grid.
+
+    Enough splits for WAVES waves of programs and for the L2 grouping (SMs / G
+    distinct vocabulary positions among the resident programs), at least
+    MIN_BLOCKS_PER_SPLIT blocks each; among up to 1.5x that many splits, the
+    count whose last wave is fullest."""
     if requested is not None:
         want = requested
-    elif device.type == "cuda":
-        want = _cdiv(2 * _sm_count(device.index or 0), row_blocks)
-    else:
+    elif dev.sm_count <= 0:
         want = 1
-    if cap is not None:
-        want = min(want, cap)
+    else:
+        sm = dev.sm_count
+        g = max(1, round(math.sqrt(sm * block_n / block_m)))
+        want = max(_cdiv(WAVES * sm, row_blocks), _cdiv(sm, min(g, row_blocks)))
+        want = min(want, max(1, vocab_blocks // MIN_BLOCKS_PER_SPLIT))
+        best, best_idle = want, 1.0
+        for cand in range(want, max(want, want * 3 // 2) + 1):
+            progs = row_blocks * _cdiv(vocab_blocks, max(1, vocab_blocks // cand))
+            idle = (_cdiv(progs, sm) * sm - progs) / progs
+            if idle < best_idle - 1e-9:
+                best, best_idle = cand, idle
+        want = max(1, min(best, vocab_blocks))
+        per = max(1, vocab_blocks // want)          # rounded down: at least `want` splits
+        splits = _cdiv(vocab_blocks, per)
+        return splits, per, _group_m(row_blocks, splits, block_m, block_n, hidden, itemsize, dev)
     want = max(1, min(want, vocab_blocks))
     per = _cdiv(vocab_blocks, want)
-    return _cdiv(vocab_blocks, per), per
+    splits = _cdiv(vocab_blocks, per)
+    return splits, per, _group_m(row_blocks, splits, block_m, block_n, hidden, itemsize, dev)
 
 
-# Pointer alignment / divisibility the kernels are compiled for (16 bytes,
-# multiples of 16 elements): what Triton specialises on to vectorise loads,
-# and what the ahead-of-time report (triton_aot) checks.
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def plan_fused_forward(n: int, vocab: int, hidden: int, dtype: torch.dtype, *,
+                       dev: DeviceInfo, splits: int | None = None) -> list[Launch]:
+    """Launches of the fused forward of n rows: linear_fwd, then merge."""
+    if n == 0:
+        return []
+    cfg = pick_config("linear_fwd", dtype=dtype, n=n, arch=dev.arch, interpret=False)
+    rb, vb = _cdiv(n, cfg.block_m), _cdiv(vocab, cfg.block_n)
+    S, per, g = plan_grid(rb, vb, block_m=cfg.block_m, block_n=cfg.block_n, hidden=hidden,
+                          itemsize=_itemsize(dtype), dev=dev, requested=splits)
+    merge = pick_config("merge", arch=dev.arch, interpret=False)
+    common = dict(rows=n, vocab=vocab, hidden=hidden, dtype=str(dtype).split(".")[-1])
+    return [Launch("linear_fwd", (rb * S,), cfg, S, per, g, False, **common),
+            Launch("merge", (_cdiv(n, merge.block_m),), merge, S, **common)]
+
+
+def slab_columns(n: int, vocab: int, dtype: torch.dtype, budget: int = _SLAB_BYTES) -> int:
+    """Vocabulary columns per slab of the deterministic fused backward: the dz
+    block (n, slab) within ``budget`` bytes, a multiple of 128 (>= 128)."""
+    cols = budget // max(1, n * _itemsize(dtype))
+    cols = max(128, cols - cols % 128)
+    return min(vocab, cols)
+
+
+def plan_fused_backward(n: int, vocab: int, hidden: int, dtype: torch.dtype, *,
+                        dev: DeviceInfo, deterministic: bool, need_x: bool = True,
+                        need_weight: bool = True, need_bias: bool = False,
+                        splits: int | None = None) -> list[Launch]:
+    """Launches of the fused backward of n rows.
+
+    Fast (not deterministic, with dx or dW wanted): one linear_bwd_rows with
+    atomics, staggered walks.  Otherwise (and db alone): per vocabulary slab,
+    gemm_logits, logits_grad, gemm_dx (into a float32 dx), gemm_dw."""
+    if n == 0:
+        return []
+    common = dict(rows=n, vocab=vocab, hidden=hidden, dtype=str(dtype).split(".")[-1])
+    if not deterministic and (need_x or need_weight):
+        cfg = pick_config("linear_bwd_rows", dtype=dtype, n=n, arch=dev.arch, interpret=False)
+        rb, vb = _cdiv(n, cfg.block_m), _cdiv(vocab, cfg.block_n)
+        S, per, g = plan_grid(rb, vb, block_m=cfg.block_m, block_n=cfg.block_n, hidden=hidden,
+                              itemsize=_itemsize(dtype), dev=dev, requested=splits)
+        return [Launch("linear_bwd_rows", (rb * S,), cfg, S, per, g, True, **common)]
+    out = []
+    cols = slab_columns(n, vocab, dtype)
+    for v0 in range(0, vocab, cols):
+        c = min(cols, vocab - v0)
+        out.append(Launch("gemm_logits", (n, c, hidden), **common))
+        out += plan_logits_backward(n, c, dtype, dev=dev)
+        if need_x:
+            out.append(Launch("gemm_dx", (n, hidden, c), **common))
+        if need_weight:
+            out.append(Launch("gemm_dw", (c, hidden, n), **common))
+    return out
+
+
+def plan_logits_forward(n: int, vocab: int, dtype: torch.dtype, *, dev: DeviceInfo,
+                        splits: int | None = None) -> list[Launch]:
+    """Statistics epilogue of a stored (n, vocab) block: logits_stats, merge."""
+    if n == 0:
+        return []
+    cfg = pick_config("logits_stats", vocab=vocab, arch=dev.arch, interpret=False)
+    rb, vb = _cdiv(n, cfg.block_m), _cdiv(vocab, cfg.block_n)
+    if splits is None and dev.sm_count > 0:
+        # programs for WAVES waves (a row is one program: no x panel to share)
+        splits = max(1, min(_cdiv(WAVES * dev.sm_count, rb), vb // MIN_BLOCKS_PER_SPLIT))
+    S, per, _ = plan_grid(rb, vb, block_m=cfg.block_m, block_n=cfg.block_n, hidden=0,
+                          itemsize=_itemsize(dtype), dev=dev, requested=splits or 1)
+    merge = pick_config("merge", arch=dev.arch, interpret=False)
+    common = dict(rows=n, vocab=vocab, dtype=str(dtype).split(".")[-1])
+    return [Launch("logits_stats", (rb, S), cfg, S, per, **common),
+            Launch("merge", (_cdiv(n, merge.block_m),), merge, S, **common)]
+
+
+def plan_logits_backward(n: int, vocab: int, dtype: torch.dtype, *,
+                         dev: DeviceInfo) -> list[Launch]:
+    """Gradient epilogue of a stored (n, vocab) block (in place)."""
+    if n == 0:
+        return []
+    cfg = pick_config("logits_grad", vocab=vocab, arch=dev.arch, interpret=False)
+    return [Launch("logits_grad", (_cdiv(n, cfg.block_m), _cdiv(vocab, cfg.block_n)), cfg,
+                   rows=n, vocab=vocab, dtype=str(dtype).split(".")[-1])]
+
+
+def plan_epilogue(n: int, vocab: int, hidden: int, dtype: torch.dtype, *, dev: DeviceInfo,
+                  rows_per_chunk: int, need_x: bool = True, need_weight: bool = True,
+                  need_bias: bool = False, single_pass: bool = True) -> list[Launch]:
+    """Every launch of the "triton" backend's forward + backward over n rows in
+    chunks of rows_per_chunk (single_pass: the engine keeps each chunk's block
+    between the two epilogues, else the backward recomputes it)."""
+    common = dict(vocab=vocab, hidden=hidden, dtype=str(dtype).split(".")[-1])
+    out: list[Launch] = []
+    for r0 in range(0, n, max(1, rows_per_chunk)):
+        c = min(rows_per_chunk, n - r0)
+        out.append(Launch("gemm_logits", (c, vocab, hidden), rows=c, **common))
+        out += plan_logits_forward(c, vocab, dtype, dev=dev)
+        if not single_pass:
+            out.append(Launch("gemm_logits", (c, vocab, hidden), rows=c, **common))
+        out += plan_logits_backward(c, vocab, dtype, dev=dev)
+        if need_x:
+            out.append(Launch("gemm_dx", (c, hidden, vocab), rows=c, **common))
+        if need_weight:
+            out.append(Launch("gemm_dw", (vocab, hidden, c), rows=c, **common))
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+
+# Alignment the fused linear kernels are compiled for (16 bytes; H and row
+# strides multiples of 16 elements): unvectorised tile loads would spill.
 _ALIGN = 16
 
 
-def _aligned_ptr(t: torch.Tensor) -> bool:
-    return t.data_ptr() % _ALIGN == 0
+def _aligned_ptr(t: torch.Tensor | None) -> bool:
+    return t is None or t.data_ptr() % _ALIGN == 0
 
 
 def _vec(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous, 16-byte aligned 1-D tensor of ``dtype`` (copy only if needed)."""
+    """A contiguous, 16-byte aligned 1-D tensor of ``dtype`` (per-row vectors:
+    a copy only if needed, and small)."""
     t = t.to(dtype).contiguous()
     return t if _aligned_ptr(t) else t.clone()
 
 
-def _matrix(t: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` (r, c) as a (r, width >= c) matrix of ``dtype`` with unit column
-    stride, row stride a multiple of 16 and a 16-byte aligned start; zero
-    padded (a copy) only when ``t`` is not already like that."""
-    r, c = t.shape
-    if (t.dtype == dtype and c == width and t.stride(1) == 1 and t.stride(0) % _ALIGN == 0
-            and _aligned_ptr(t)) or r == 0:
-        return t
-    out = torch.zeros((r, width), dtype=dtype, device=t.device)
-    out[:, :c] = t
-    return out
+def fused_aligned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x, W (and b) are laid out as the fused kernels need: unit column
+    stride, row strides and H multiples of 16, 16-byte aligned starts.  Other
+    operands go to the GEMM + epilogue path (no copy of W)."""
+    H = x.shape[1]
+    return (x.dtype == weight.dtype and H % _ALIGN == 0
+            and all(t.stride(1) == 1 and t.stride(0) % _ALIGN == 0 and _aligned_ptr(t)
+                    for t in (x, weight))
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()
+                                  and _aligned_ptr(bias))))
 
 
-def _logits_view(t: torch.Tensor) -> torch.Tensor:
-    """Stored logits / gradient buffer with unit column stride and an aligned start."""
-    if t.stride(-1) != 1 or not _aligned_ptr(t):
-        return t.contiguous() if not t.is_contiguous() else t.clone()
+def _rows_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (r, c) of ``dtype`` with unit column stride (a copy only when the
+    column stride is not 1; any row stride, pointer alignment or width: the
+    kernels mask every tail and Triton specialises on what divides by 16)."""
+    t = t.to(dtype)
+    if t.shape[1] > 1 and t.stride(1) != 1 and t.shape[0] > 0:
+        t = t.contiguous()
     return t
 
 
-class TritonBackend:
-    """The Triton implementation of the backend contract.
+def _params(spec: LogitSpec) -> tuple[float, float]:
+    cap = float(spec.softcap) if spec.softcap is not None else 1.0
+    return 1.0 / float(spec.temperature), cap
 
-    fwd_splits / bwd_splits force the number of vocabulary splits (tests use
-    them to exercise the partial merge); None picks them from the device.
-    """
+
+def _empty_stats(device, spec: LogitSpec) -> RowStats:
+    f = torch.zeros(0, dtype=torch.float32, device=device)
+    return RowStats(f, f.clone(), f.clone() if spec.entropy else None,
+                    torch.zeros(0, dtype=torch.int64, device=device) if spec.argmax else None,
+                    f.clone() if spec.argmax else None)
+
+
+def _alloc_partials(S: int, n: int, device, spec: LogitSpec):
+    f = lambda: torch.empty((S, n), dtype=torch.float32, device=device)  # noqa: E731
+    pm, ps, pq = f(), f(), f()
+    pw = f() if spec.entropy else pm
+    pidx = torch.empty((S, n) if spec.argmax else (1,), dtype=torch.int32, device=device)
+    return pm, ps, pw, pq, pidx
+
+
+def _merge(partials, launch: Launch, n: int, device, spec: LogitSpec) -> RowStats:
+    pm, ps, pw, pq, pidx = partials
+    value = torch.empty(n, dtype=torch.float32, device=device)
+    q = torch.empty_like(value)
+    ent = torch.empty_like(value) if spec.entropy else value
+    amax = torch.empty(n, dtype=torch.int64, device=device) if spec.argmax else None
+    maxl = torch.empty_like(value) if spec.argmax else None
+    cfg = launch.config
+    tau = float(spec.temperature)
+    L.merge_kernel[launch.grid](
+        pm, ps, pw, pq, pidx, value, q, ent, amax if amax is not None else pidx,
+        maxl if maxl is not None else value, n, launch.splits, tau, 1.0 / tau,
+        ENTROPY=spec.entropy, ARGMAX=spec.argmax, BLOCK=cfg.block_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return RowStats(value, q, ent if spec.entropy else None, amax, maxl)
+
+
+def logits_stats(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec, *,
+                 interpret: bool = INTERPRET, splits: int | None = None) -> RowStats:
+    """RowStats of a stored (n, V) float32 / bf16 / fp16 logits block (Triton)."""
+    n, V = z.shape
+    if n == 0:
+        return _empty_stats(z.device, spec)
+    z = _rows_view(z, z.dtype)
+    dev = device_info(z.device, interpret)
+    stats, merge = plan_logits_forward(n, V, z.dtype, dev=dev, splits=splits)
+    cfg = stats.config
+    partials = _alloc_partials(stats.splits, n, z.device, spec)
+    inv_tau, cap = _params(spec)
+    with _device_guard(z.device):
+        L.logits_stats_kernel[stats.grid](
+            z, _vec(targets, torch.int64), *partials, n, V, z.stride(0),
+            stats.blocks_per_split, inv_tau, cap,
+            SOFTCAP=spec.softcap is not None, ENTROPY=spec.entropy, ARGMAX=spec.argmax,
+            BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        return _merge(partials, merge, n, z.device, spec)
+
+
+def logits_grad(z: torch.Tensor, targets: torch.Tensor, value: torch.Tensor,
+                grad_value: torch.Tensor, grad_target: torch.Tensor, spec: LogitSpec,
+                out: torch.Tensor, *, interpret: bool = INTERPRET) -> None:
+    """out (n, V) = dL/dz of the stored raw logits z; out may be z itself."""
+    n, V = z.shape
+    if n == 0:
+        return
+    z = _rows_view(z, z.dtype)
+    o = out if (out.shape[1] <= 1 or out.stride(1) == 1) else torch.empty(
+        out.shape, dtype=out.dtype, device=out.device)
+    (launch,) = plan_logits_backward(n, V, z.dtype, dev=device_info(z.device, interpret))
+    cfg = launch.config
+    inv_tau, cap = _params(spec)
+    with _device_guard(z.device):
+        L.logits_grad_kernel[launch.grid](
+            z, _vec(targets, torch.int64), _vec(value, torch.float32),
+            _vec(grad_value, torch.float32), _vec(grad_target, torch.float32), o,
+            n, V, z.stride(0), o.stride(0), inv_tau, cap,
+            SOFTCAP=spec.softcap is not None, BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n,
+            INTERP=interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if o is not out:
+        out.copy_(o)
+
+
+# ---------------------------------------------------------------- backends
+
+class TritonBackend(GemmEpilogueBackend):
+    """``backend="triton"``: cuBLAS GEMMs + the Triton epilogue kernels per
+    chunk (see :mod:`fastirl.backends.gemm_epilogue`); the CUDA default.
+
+    fwd_splits forces the vocabulary splits of the statistics kernel (tests)."""
 
     name = "triton"
+
+    def __init__(self, *, fwd_splits: int | None = None, interpret: bool = INTERPRET):
+        super().__init__()
+        self.fwd_splits = fwd_splits
+        self.interpret = interpret
+
+    def supports(self, device: torch.device) -> bool:
+        return _supports(torch.device(device), self.interpret)
+
+    def _row_stats(self, z, targets, spec: LogitSpec) -> RowStats:
+        return logits_stats(z, targets, spec, interpret=self.interpret, splits=self.fwd_splits)
+
+    def _row_grad(self, z, targets, value, grad_value, grad_target, spec, out) -> None:
+        logits_grad(z, targets, value, grad_value, grad_target, spec, out,
+                    interpret=self.interpret)
+
+
+def _supports(device: torch.device, interpret: bool) -> bool:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        return torch.cuda.get_device_capability(device_index(device)) >= (8, 0)
+    return interpret and device.type == "cpu"
+
+
+class TritonFusedBackend:
+    """``backend="triton-fused"``: the logits are never stored (see the module
+    doc).  Not picked by ``auto`` until a GPU measurement says it wins.
+
+    fwd_splits / bwd_splits force the number of vocabulary splits (tests use
+    them to exercise the partial merge); None plans them from the device.
+    """
+
+    name = "triton-fused"
 
     def __init__(self, *, fwd_splits: int | None = None, bwd_splits: int | None = None,
                  interpret: bool = INTERPRET):
@@ -251,15 +595,10 @@ class TritonBackend:
         self.bwd_splits = bwd_splits
         self.interpret = interpret
         self._fallback = TorchChunkedBackend()
+        self._epilogue = TritonBackend(interpret=interpret)
 
-    # -- capabilities -------------------------------------------------------
     def supports(self, device: torch.device) -> bool:
-        device = torch.device(device)
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                return False
-            return torch.cuda.get_device_capability(device) >= (8, 0)
-        return self.interpret and device.type == "cpu"
+        return _supports(torch.device(device), self.interpret)
 
     def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
                        chunk_size: int | None) -> int:
@@ -267,96 +606,46 @@ class TritonBackend:
             return max(1, min(chunk_size, n))
         if dtype not in _FLOAT_DTYPES:
             return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, None)
-        # Bounded by the float32 dx buffer of one chunk; a multiple of 16 so
-        # that chunk starts stay 16-byte aligned.
+        # Bounded by the float32 dx of one chunk; a multiple of 16.
         rows = _CHUNK_BYTES // (4 * max(hidden, 1) + 64)
         return max(1, min(n, rows - rows % 16 if rows >= 16 else rows))
 
-    def _native(self, *tensors: torch.Tensor | None) -> bool:
+    @staticmethod
+    def _native(*tensors: torch.Tensor | None) -> bool:
         return all(t is None or t.dtype in _FLOAT_DTYPES for t in tensors)
 
-    def _cfg(self, kernel: str, device: torch.device | None = None, **kw) -> TileConfig:
-        arch = arch_class(device) if device is not None and device.type == "cuda" else "sm90"
-        return pick_config(kernel, interpret=self.interpret, arch=arch, **kw)
-
-    def _operands(self, x, weight, bias, targets):
-        """x, W padded to H16 = roundup(H, 16) columns where needed (zero
-        columns add nothing to z), all in x's dtype, all aligned."""
-        H16 = _cdiv(x.shape[1], _ALIGN) * _ALIGN
-        x = _matrix(x, H16, x.dtype)
-        weight = _matrix(weight, H16, x.dtype)
-        bias = None if bias is None else _vec(bias, x.dtype)
-        return x, weight, bias, _vec(targets, torch.int64), H16
-
-    @staticmethod
-    def _params(spec: LogitSpec) -> tuple[float, float]:
-        cap = float(spec.softcap) if spec.softcap is not None else 1.0
-        return 1.0 / float(spec.temperature), cap
+    def _use_epilogue(self, x, weight, bias) -> bool:
+        """Operands the fused kernels do not take (see fused_aligned) go to the
+        GEMM + epilogue backend: same results, and W is never copied."""
+        return not fused_aligned(x, weight, bias)
 
     # -- statistics ---------------------------------------------------------
-    def _alloc_partials(self, S: int, n: int, device, spec: LogitSpec):
-        part = torch.empty((4 if spec.entropy else 3, S, n), dtype=torch.float32, device=device)
-        pidx = torch.empty((S, n) if spec.argmax else (1,), dtype=torch.int32, device=device)
-        pm, ps, pq = part[0], part[1], part[2]
-        pw = part[3] if spec.entropy else pm
-        if S * n % 4:                       # keep every partial row 16-byte aligned
-            return self._alloc_partials_slow(S, n, device, spec)
-        return pm, ps, pw, pq, pidx
-
-    @staticmethod
-    def _alloc_partials_slow(S: int, n: int, device, spec: LogitSpec):
-        def f():
-            return torch.empty((S, n), dtype=torch.float32, device=device)
-        pm, ps, pq = f(), f(), f()
-        pw = f() if spec.entropy else pm
-        pidx = torch.empty((S, n) if spec.argmax else (1,), dtype=torch.int32, device=device)
-        return pm, ps, pw, pq, pidx
-
-    def _merge(self, partials, S: int, n: int, device, spec: LogitSpec) -> RowStats:
-        pm, ps, pw, pq, pidx = partials
-        value = torch.empty(n, dtype=torch.float32, device=device)
-        q = torch.empty_like(value)
-        ent = torch.empty_like(value) if spec.entropy else value
-        amax = torch.empty(n, dtype=torch.int64, device=device) if spec.argmax else None
-        maxl = torch.empty_like(value) if spec.argmax else None
-        cfg = self._cfg("merge")
-        tau = float(spec.temperature)
-        L.merge_kernel[(_cdiv(n, cfg.block_m),)](
-            pm, ps, pw, pq, pidx, value, q, ent, amax if amax is not None else pidx,
-            maxl if maxl is not None else value, n, S, tau, 1.0 / tau,
-            ENTROPY=spec.entropy, ARGMAX=spec.argmax, BLOCK=cfg.block_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return RowStats(value, q, ent if spec.entropy else None, amax, maxl)
-
-    @staticmethod
-    def _empty_stats(device, spec: LogitSpec) -> RowStats:
-        f = torch.zeros(0, dtype=torch.float32, device=device)
-        return RowStats(f, f.clone(), f.clone() if spec.entropy else None,
-                        torch.zeros(0, dtype=torch.int64, device=device) if spec.argmax else None,
-                        f.clone() if spec.argmax else None)
-
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
         if not self._native(x, weight, bias):
             return self._fallback.forward(x, weight, bias, targets, spec, keep=keep)
         n, V = x.shape[0], weight.shape[0]
         if n == 0:
-            return self._empty_stats(x.device, spec), None
-        x, weight, bias, targets, H = self._operands(x, weight, bias, targets)
-        cfg = self._cfg("linear_fwd", x.device, dtype=x.dtype, n=n)
-        row_blocks = _cdiv(n, cfg.block_m)
-        S, per = _splits(x.device, row_blocks, _cdiv(V, cfg.block_n), self.fwd_splits)
-        partials = self._alloc_partials(S, n, x.device, spec)
-        inv_tau, cap = self._params(spec)
-        K.linear_fwd_kernel[(row_blocks * S,)](
-            x, weight, bias if bias is not None else weight, targets, *partials,
-            n, V, H, x.stride(0), weight.stride(0), per, S, inv_tau, cap,
-            HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None,
-            ENTROPY=spec.entropy, ARGMAX=spec.argmax,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m, DOT_F32=self.interpret,
-            DOT_PREC=dot_precision(x.dtype, self.interpret),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return self._merge(partials, S, n, x.device, spec), None
+            return _empty_stats(x.device, spec), None
+        if self._use_epilogue(x, weight, bias):
+            return self._epilogue.forward(x, weight, bias, targets, spec, keep=False)
+        targets = _vec(targets, torch.int64)
+        H = x.shape[1]
+        fwd, merge = plan_fused_forward(n, V, H, x.dtype, dev=device_info(x.device, self.interpret),
+                                        splits=self.fwd_splits)
+        cfg = fwd.config
+        partials = _alloc_partials(fwd.splits, n, x.device, spec)
+        inv_tau, cap = _params(spec)
+        with _device_guard(x.device):
+            K.linear_fwd_kernel[fwd.grid](
+                x, weight, bias if bias is not None else weight, targets, *partials,
+                n, V, H, x.stride(0), weight.stride(0), fwd.blocks_per_split, fwd.splits,
+                fwd.group_m, inv_tau, cap,
+                HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None,
+                ENTROPY=spec.entropy, ARGMAX=spec.argmax,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                DOT_F32=self.interpret, DOT_PREC=dot_precision(x.dtype, self.interpret),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return _merge(partials, merge, n, x.device, spec), None
 
     # -- gradients ----------------------------------------------------------
     def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
@@ -368,125 +657,109 @@ class TritonBackend:
                                            dweight=dweight, dbias=dbias)
         if dbias is not None and bias is None:
             raise ValueError("dbias given without bias")
-        n, H0 = x.shape
+        n, H = x.shape
         V = weight.shape[0]
         if n == 0:
-            return x.new_zeros((0, H0)) if need_x else None
+            return x.new_zeros((0, H)) if need_x else None
         x_dtype = x.dtype
-        x, weight, bias, targets, H = self._operands(x, weight, bias, targets)
+        if self._use_epilogue(x, weight, bias):
+            return self._epilogue.backward(x, weight, bias, targets, value, grad_value,
+                                           grad_target, spec, None, need_x=need_x,
+                                           dweight=dweight, dbias=dbias)
+        targets = _vec(targets, torch.int64)
         value = _vec(value, torch.float32)
         gv, gt = _vec(grad_value, torch.float32), _vec(grad_target, torch.float32)
-        # Float32 accumulators the kernels can add into directly, else temporaries.
-        dw_buf = dweight
-        if dweight is not None and (H != H0 or dweight.stride(1) != 1
-                                    or dweight.stride(0) % _ALIGN or not _aligned_ptr(dweight)):
-            dw_buf = torch.zeros((V, H), dtype=torch.float32, device=x.device)
-        db_buf = dbias
-        if dbias is not None and (not dbias.is_contiguous() or not _aligned_ptr(dbias)):
-            db_buf = torch.zeros(V, dtype=torch.float32, device=x.device)
+        plan = plan_fused_backward(n, V, H, x.dtype, dev=device_info(x.device, self.interpret),
+                                   deterministic=spec.deterministic, need_x=need_x,
+                                   need_weight=dweight is not None, need_bias=dbias is not None,
+                                   splits=self.bwd_splits)
+        with _device_guard(x.device):
+            if plan[0].kernel == "linear_bwd_rows":
+                return self._fused_rows(plan[0], x, weight, bias, targets, value, gv, gt, spec,
+                                        need_x, dweight, dbias, x_dtype)
+            return self._slabs(x, weight, bias, targets, value, gv, gt, spec, need_x, dweight,
+                               dbias)
 
-        inv_tau, cap = self._params(spec)
-        common = dict(HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None,
-                      DOT_F32=self.interpret, DOT_PREC=dot_precision(x.dtype, self.interpret))
-        b_arg = bias if bias is not None else weight
-        # Fast mode adds dW (and db, when that pass runs anyway) with atomics in
-        # the rows pass; everything else goes to the deterministic passes.
-        fast = not spec.deterministic
-        rows_pass = need_x or (fast and dw_buf is not None)
-        fast = fast and rows_pass
-        dx = None
-        if rows_pass:
-            cfg = self._cfg("linear_bwd_rows", x.device, dtype=x.dtype, n=n)
-            row_blocks = _cdiv(n, cfg.block_m)
-            vb = _cdiv(V, cfg.block_n)
-            if fast:
-                S, per = _splits(x.device, row_blocks, vb, self.bwd_splits)
-                dx_buf = (torch.zeros((n, H), dtype=torch.float32, device=x.device)
-                          if need_x else None)
-            else:
-                S, per = _splits(x.device, row_blocks, vb, self.bwd_splits,
-                                 cap=max(1, _DX_SCRATCH_BYTES // (4 * n * H)))
-                dx_buf = torch.empty((S, n, H), dtype=torch.float32, device=x.device)
-            dw_fast = fast and dw_buf is not None
-            db_fast = fast and db_buf is not None
-            K.linear_bwd_rows_kernel[(row_blocks * S,)](
-                x, weight, b_arg, targets, value, gv, gt,
-                dx_buf if dx_buf is not None else gv,
-                dw_buf if dw_fast else gv, db_buf if db_fast else gv,
-                n, V, H, x.stride(0), weight.stride(0),
-                dw_buf.stride(0) if dw_fast else 0, per, S, inv_tau, cap,
-                DX=need_x, DX_ATOMIC=fast, FAST_DW=dw_fast, FAST_DB=db_fast,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                BLOCK_H=cfg.block_h, GROUP_M=cfg.group_m, **common,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            if need_x:
-                if not fast:
-                    dx_buf = dx_buf[0] if S == 1 else dx_buf.sum(dim=0)
-                dx = dx_buf[:, :H0].to(x_dtype)
-        if not fast and (dw_buf is not None or db_buf is not None):
-            cfg = self._cfg("linear_bwd_vocab", x.device, dtype=x.dtype, n=n)
-            K.linear_bwd_vocab_kernel[(_cdiv(V, cfg.block_n),)](
-                x, weight, b_arg, targets, value, gv, gt,
-                dw_buf if dw_buf is not None else gv, db_buf if db_buf is not None else gv,
-                n, V, H, x.stride(0), weight.stride(0),
-                dw_buf.stride(0) if dw_buf is not None else 0, inv_tau, cap,
-                DW=dw_buf is not None, DB=db_buf is not None,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                BLOCK_H=cfg.block_h, **common,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def _fused_rows(self, launch: Launch, x, weight, bias, targets, value, gv, gt, spec,
+                    need_x, dweight, dbias, x_dtype):
+        """Fast mode: dx, dW, db added with float32 atomics by one kernel."""
+        n, H = x.shape
+        V = weight.shape[0]
+        dw_buf = dweight
+        if dweight is not None and (dweight.stride(1) != 1 or dweight.stride(0) % _ALIGN
+                                    or not _aligned_ptr(dweight)):
+            dw_buf = torch.zeros((V, H), dtype=torch.float32, device=x.device)
+        db_buf = dbias if dbias is None or (dbias.is_contiguous() and _aligned_ptr(dbias)) \
+            else torch.zeros(V, dtype=torch.float32, device=x.device)
+        dx_buf = torch.zeros((n, H), dtype=torch.float32, device=x.device) if need_x else None
+        inv_tau, cap = _params(spec)
+        cfg = launch.config
+        K.linear_bwd_rows_kernel[launch.grid](
+            x, weight, bias if bias is not None else weight, targets, value, gv, gt,
+            dx_buf if dx_buf is not None else gv, dw_buf if dw_buf is not None else gv,
+            db_buf if db_buf is not None else gv,
+            n, V, H, x.stride(0), weight.stride(0), dw_buf.stride(0) if dw_buf is not None else 0,
+            launch.blocks_per_split, launch.splits, launch.group_m, int(launch.stagger),
+            inv_tau, cap,
+            HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None,
+            DX=need_x, DW=dw_buf is not None, DB=db_buf is not None,
+            SCALE_DZ=x.dtype == torch.float16,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
+            DOT_F32=self.interpret, DOT_PREC=dot_precision(x.dtype, self.interpret),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if dw_buf is not None and dw_buf is not dweight:
-            dweight.add_(dw_buf[:, :H0])
+            dweight.add_(dw_buf)
         if db_buf is not None and db_buf is not dbias:
             dbias.add_(db_buf)
-        return dx
+        return dx_buf.to(x_dtype) if need_x else None
 
-    # -- stored logits ------------------------------------------------------
+    def _slabs(self, x, weight, bias, targets, value, gv, gt, spec, need_x, dweight, dbias):
+        """Deterministic: per vocabulary slab, dz (n, slab) from one GEMM and the
+        gradient epilogue, then dx += dz @ W[slab] (float32), dW[slab] += dz.T @ x.
+        Every float32 element is written once per slab, never per tile."""
+        n, H = x.shape
+        V = weight.shape[0]
+        s = dz_scale(x.dtype, gv, gt)
+        if s != 1.0:
+            gv, gt = gv / s, gt / s
+        dx = torch.zeros((n, H), dtype=torch.float32, device=x.device) if need_x else None
+        cols = slab_columns(n, V, x.dtype)
+        for v0 in range(0, V, cols):
+            v1 = min(V, v0 + cols)
+            w = weight[v0:v1]
+            z = GemmEpilogueBackend.logits_block(x, w, None if bias is None else bias[v0:v1])
+            local = torch.where((targets >= v0) & (targets < v1), targets - v0, -1)
+            logits_grad(z, local, value, gv, gt, spec, z, interpret=self.interpret)
+            grad_gemms(z, x, w, need_x=False, scale=s, dx_acc=dx,
+                       dweight=None if dweight is None else dweight[v0:v1],
+                       dbias=None if dbias is None else dbias[v0:v1])
+        return dx.to(x.dtype) if need_x else None
+
+    # -- stored logits: the epilogue kernels ---------------------------------
     def logits_forward(self, logits, targets, spec: LogitSpec) -> RowStats:
         if not self._native(logits):
             return self._fallback.logits_forward(logits, targets, spec)
-        n, V = logits.shape
-        if n == 0:
-            return self._empty_stats(logits.device, spec)
-        z = _logits_view(logits)
-        targets = _vec(targets, torch.int64)
-        cfg = self._cfg("logits_stats", vocab=V)
-        row_blocks = _cdiv(n, cfg.block_m)
-        S, per = _splits(z.device, row_blocks, _cdiv(V, cfg.block_n), self.fwd_splits)
-        partials = self._alloc_partials(S, n, z.device, spec)
-        inv_tau, cap = self._params(spec)
-        L.logits_stats_kernel[(row_blocks, S)](
-            z, targets, *partials, n, V, z.stride(0), per, inv_tau, cap,
-            SOFTCAP=spec.softcap is not None, ENTROPY=spec.entropy, ARGMAX=spec.argmax,
-            BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
-        return self._merge(partials, S, n, z.device, spec)
+        return logits_stats(logits, targets, spec, interpret=self.interpret,
+                            splits=self.fwd_splits)
 
     def logits_backward(self, logits, targets, value, grad_value, grad_target,
                         spec: LogitSpec, out: torch.Tensor) -> None:
-        if not self._native(logits, out):
-            return self._fallback.logits_backward(logits, targets, value, grad_value,
-                                                  grad_target, spec, out)
-        n, V = logits.shape
-        if n == 0:
-            return None
-        z = _logits_view(logits)            # a copy only if unaligned / strided
-        o = out if out.stride(-1) == 1 and _aligned_ptr(out) else torch.empty(
-            out.shape, dtype=out.dtype, device=out.device)
-        cfg = self._cfg("logits_grad", vocab=V)
-        inv_tau, cap = self._params(spec)
-        L.logits_grad_kernel[(_cdiv(n, cfg.block_m), _cdiv(V, cfg.block_n))](
-            z, _vec(targets, torch.int64), _vec(value, torch.float32),
-            _vec(grad_value, torch.float32), _vec(grad_target, torch.float32), o,
-            n, V, z.stride(0), o.stride(0), inv_tau, cap,
-            SOFTCAP=spec.softcap is not None, BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n,
-            INTERP=self.interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if o is not out:
-            out.copy_(o)
-        return None
+        self._epilogue.logits_backward(logits, targets, value, grad_value, grad_target, spec,
+                                       out)
+
+
+def _check_loadable() -> None:
+    if not INTERPRET and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)")
 
 
 def load() -> TritonBackend:
-    """The backend, or RuntimeError saying why Triton cannot run here."""
-    if not INTERPRET and not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)")
+    """The "triton" backend, or RuntimeError saying why Triton cannot run here."""
+    _check_loadable()
     return TritonBackend()
+
+
+def load_fused() -> TritonFusedBackend:
+    """The "triton-fused" backend, or RuntimeError saying why Triton cannot run here."""
+    _check_loadable()
+    return TritonFusedBackend()

@@ -3,10 +3,11 @@ never stored.  One kernel family per pass, features as constexprs:
 
 * ``linear_fwd_kernel``   statistics, program = (row block, vocabulary split),
                           partials merged by :func:`.triton_logits.merge_kernel`.
-* ``linear_bwd_rows_kernel``  dx (and, in fast mode, dW / db by atomics),
-                          program = (row block, vocabulary split).
-* ``linear_bwd_vocab_kernel`` deterministic dW / db, program = vocabulary
-                          block, owning its rows of dW across all row blocks.
+* ``linear_bwd_rows_kernel``  fast-mode backward: dx, dW, db added with
+                          float32 atomics, program = (row block, vocabulary
+                          split).  (The deterministic backward is not a kernel
+                          of its own: vocabulary slabs of GEMMs around
+                          :func:`.triton_logits.logits_grad_kernel`.)
 
 Shared conventions: x (n, H) and W (V, H) row-major with unit column stride,
 row offsets in int64 (row * H and row * V exceed 2^31 at real sizes), GEMM
@@ -14,7 +15,9 @@ tiles in the input dtype with float32 accumulation (``DOT_F32`` casts them to
 float32 first: used under the interpreter, where 16-bit ``tl.dot`` is wrong),
 ``DOT_PREC`` the float32 dot precision (see triton_kernels.dot_precision).
 ``DOT_F32`` also makes the rounding of dz to bfloat16 exact under the
-interpreter (see round_to).
+interpreter (see round_to).  Sizes that change between calls (n, splits,
+group) are not specialised on (``do_not_specialize``), so chunks of different
+lengths reuse one compiled kernel.
 """
 
 from __future__ import annotations
@@ -87,14 +90,14 @@ def target_logit(x_ptr, w_ptr, b_ptr, rows64, tgt, tin, H, stride_x, stride_w, c
 # Forward: per (row block, split) the logits tiles of the split's vocabulary
 # blocks, reduced on the fly by online_update (max, sum exp, sum e*t for the
 # entropy, argmax) plus the target logit; O(rows x splits) partials leave it.
-@triton.jit
+@triton.jit(do_not_specialize=["n", "vb_per_split", "nsplit", "group_m"])
 def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
-                      n, V, H, stride_x, stride_w, vb_per_split, nsplit, inv_tau, cap,
+                      n, V, H, stride_x, stride_w, vb_per_split, nsplit, group_m, inv_tau, cap,
                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                       ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m, pid_s = swizzle(tl.program_id(0), tl.cdiv(n, BLOCK_M), nsplit, GROUP_M)
+                      DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m, pid_s = swizzle(tl.program_id(0), tl.cdiv(n, BLOCK_M), nsplit, group_m)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
@@ -103,6 +106,7 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_p
     s = tl.zeros((BLOCK_M,), tl.float32)
     w = tl.zeros((BLOCK_M,), tl.float32)
     idx = tl.zeros((BLOCK_M,), tl.int32)
+    nidx = tl.full((BLOCK_M,), 2**31 - 1, tl.int32)
     v_begin = pid_s * vb_per_split * BLOCK_N
     v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_N)
     q = target_logit(x_ptr, w_ptr, b_ptr, rows64, tgt, rmask & (tgt >= v_begin) & (tgt < v_end),
@@ -113,10 +117,10 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_p
         z = logit_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols.to(tl.int64), cmask, H,
                        stride_x, stride_w, cap, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K,
                        DOT_F32, DOT_PREC)
-        m, s, w, q, idx = online_update(z, cmask, cols, tgt, m, s, w, q, idx, inv_tau,
-                                        False, ENTROPY, ARGMAX)
+        m, s, w, q, idx, nidx = online_update(z, cmask, cols, tgt, m, s, w, q, idx, nidx,
+                                              inv_tau, False, ENTROPY, ARGMAX)
     off = pid_s.to(tl.int64) * n + rows64
-    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx,
+    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx, nidx,
                    ENTROPY, ARGMAX)
 
 
@@ -139,28 +143,29 @@ def dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
     return dz, dzc
 
 
-# Backward over rows: program (row block i, vocabulary split s) walks the
-# split's vocabulary blocks j; per j it recomputes z_ij, forms dz_ij in
-# registers and, over H in BLOCK_H slices,
-#   dx[i, h] += dz_ij @ W[j, h]                         (K = BLOCK_N)
-#   dW[j, h] += dz_ij.T @ x[i, h],  db[j] += sum_i dz_ij (FAST_DW: atomics)
-# Deterministic dx (DX_ATOMIC False): the program owns rows i of its split's
-# float32 partial dx[s] and read-modify-writes it in a fixed order (the first
-# block stores without reading, so the buffer needs no zeroing; a barrier
-# orders each block's stores before the next block's loads); the host sums
-# the splits in order.  Fast mode (DX_ATOMIC) adds into one buffer atomically.
-@triton.jit
+# Fast-mode backward: program (row block i, vocabulary split s) walks the
+# split's vocabulary blocks j, starting at block (i * stagger) mod (blocks of
+# the split) and wrapping around, so that the programs of one split add into
+# different rows of dW at any moment (without the stagger, the ~SMs / splits
+# programs of a split would all hit the same dW rows at once).  Per j it
+# recomputes z_ij, forms dz_ij in registers and, over H in BLOCK_H slices,
+#   dx[i, h] += dz_ij @ W[j, h],  dW[j, h] += dz_ij.T @ x[i, h],  db[j] += sum_i dz_ij
+# with float32 atomics.  SCALE_DZ (float16 inputs): the row block's
+# coefficients are divided by the power of two s = 2^floor(log2 max |A|, |B|)
+# before dz is rounded to float16 (so that it does not underflow), and the
+# products are multiplied by s.
+@triton.jit(do_not_specialize=["n", "vb_per_split", "nsplit", "group_m", "stagger"])
 def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr,
                            dx_ptr, dw_ptr, db_ptr,
                            n, V, H, stride_x, stride_w, stride_dw, vb_per_split, nsplit,
-                           inv_tau, cap,
+                           group_m, stagger, inv_tau, cap,
                            HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                           DX: tl.constexpr, DX_ATOMIC: tl.constexpr,
-                           FAST_DW: tl.constexpr, FAST_DB: tl.constexpr,
+                           DX: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
+                           SCALE_DZ: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr,
+                           BLOCK_H: tl.constexpr,
                            DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m, pid_s = swizzle(tl.program_id(0), tl.cdiv(n, BLOCK_M), nsplit, GROUP_M)
+    pid_m, pid_s = swizzle(tl.program_id(0), tl.cdiv(n, BLOCK_M), nsplit, group_m)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
@@ -168,20 +173,26 @@ def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_p
     value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
     gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
     gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
-    if DX and not DX_ATOMIC:
-        dx_ptr += pid_s.to(tl.int64) * n * H
+    scale = 1.0
+    if SCALE_DZ:
+        big = tl.max(tl.maximum(tl.abs(gv), tl.abs(gt)), 0)
+        scale = tl.where(big > 0.0, tl.math.exp2(tl.floor(tl.log2(big))), 1.0)
+        gv = gv / scale
+        gt = gt / scale
     hs0 = tl.arange(0, BLOCK_H)
-    v_begin = pid_s * vb_per_split * BLOCK_N
-    v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_N)
-    for v0 in range(v_begin, v_end, BLOCK_N):
-        cols = v0 + tl.arange(0, BLOCK_N)
+    nblk = tl.minimum(vb_per_split, tl.cdiv(V, BLOCK_N) - pid_s * vb_per_split)
+    first = (pid_m * stagger) % nblk
+    for jj in range(0, nblk):
+        j = first + jj
+        j = tl.where(j >= nblk, j - nblk, j)
+        cols = (pid_s * vb_per_split + j) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < V
         cols64 = cols.to(tl.int64)
         dz, dzc = dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
                           H, stride_x, stride_w, inv_tau, cap, HAS_BIAS, SOFTCAP,
                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PREC)
-        if FAST_DB:     # before the H loop: only the rounded dz stays live there
-            tl.atomic_add(db_ptr + cols64, tl.sum(dz, 0), mask=cmask, sem="relaxed")
+        if DB:          # before the H loop: only the rounded dz stays live there
+            tl.atomic_add(db_ptr + cols64, tl.sum(dz, 0) * scale, mask=cmask, sem="relaxed")
         for h0 in range(0, H, BLOCK_H):
             hs = h0 + hs0
             hmask = hs < H
@@ -191,73 +202,14 @@ def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_p
                 if DOT_F32:
                     wt = wt.to(tl.float32)
                 part = tl.dot(dzc, wt, input_precision=DOT_PREC)
-                ptrs = dx_ptr + rows64[:, None] * H + hs[None, :]
-                omask = rmask[:, None] & hmask[None, :]
-                if DX_ATOMIC:
-                    tl.atomic_add(ptrs, part, mask=omask, sem="relaxed")
-                else:
-                    prev = tl.load(ptrs, mask=omask & (v0 > v_begin), other=0.0)
-                    tl.store(ptrs, prev + part, mask=omask)
-            if FAST_DW:
+                tl.atomic_add(dx_ptr + rows64[:, None] * H + hs[None, :], part * scale,
+                              mask=rmask[:, None] & hmask[None, :], sem="relaxed")
+            if DW:
                 xt = tl.load(x_ptr + rows64[:, None] * stride_x + hs[None, :],
                              mask=rmask[:, None] & hmask[None, :], other=0.0)
                 if DOT_F32:
                     xt = xt.to(tl.float32)
                 dw_part = tl.dot(tl.trans(dzc), xt, input_precision=DOT_PREC)
-                tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + hs[None, :], dw_part,
-                              mask=cmask[:, None] & hmask[None, :], sem="relaxed")
-        if DX and not DX_ATOMIC:
-            tl.debug_barrier()
-
-
-# Deterministic dW / db: program = vocabulary block j, owning dW[j, :] and
-# db[j].  It walks all row blocks i in order, recomputes z_ij, forms dz_ij and
-# adds dz_ij.T @ x[i, h] into dW[j, h] (float32, read-modify-write over H in
-# BLOCK_H slices; a barrier orders row block i's stores before i+1's loads),
-# and sum_i dz_ij into a register accumulator for db[j].  No atomics: the
-# order of every addition is fixed, so dW and db are bitwise reproducible.
-@triton.jit
-def linear_bwd_vocab_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr,
-                            dw_ptr, db_ptr,
-                            n, V, H, stride_x, stride_w, stride_dw, inv_tau, cap,
-                            HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                            DW: tl.constexpr, DB: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_H: tl.constexpr,
-                            DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < V
-    cols64 = cols.to(tl.int64)
-    hs0 = tl.arange(0, BLOCK_H)
-    db_acc = tl.zeros((BLOCK_N,), tl.float32)
-    for r0 in range(0, n, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        rmask = rows < n
-        rows64 = rows.to(tl.int64)
-        tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
-        value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
-        gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
-        gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
-        dz, dzc = dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
-                          H, stride_x, stride_w, inv_tau, cap, HAS_BIAS, SOFTCAP,
-                          BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PREC)
-        if DB:          # before the H loop: only the rounded dz stays live there
-            db_acc += tl.sum(dz, 0)
-        if DW:
-            dzt = tl.trans(dzc)
-            for h0 in range(0, H, BLOCK_H):
-                hs = h0 + hs0
-                hmask = hs < H
-                xt = tl.load(x_ptr + rows64[:, None] * stride_x + hs[None, :],
-                             mask=rmask[:, None] & hmask[None, :], other=0.0)
-                if DOT_F32:
-                    xt = xt.to(tl.float32)
-                part = tl.dot(dzt, xt, input_precision=DOT_PREC)
-                ptrs = dw_ptr + cols64[:, None] * stride_dw + hs[None, :]
-                omask = cmask[:, None] & hmask[None, :]
-                prev = tl.load(ptrs, mask=omask, other=0.0)
-                tl.store(ptrs, prev + part, mask=omask)
-            tl.debug_barrier()
-    if DB:
-        prev_b = tl.load(db_ptr + cols64, mask=cmask, other=0.0)
-        tl.store(db_ptr + cols64, prev_b + db_acc, mask=cmask)
+                tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + hs[None, :],
+                              dw_part * scale, mask=cmask[:, None] & hmask[None, :],
+                              sem="relaxed")

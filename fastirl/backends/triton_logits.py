@@ -12,8 +12,12 @@ variant, never a copy of the source):
   written into ``out`` (which may alias the logits).
 
 All arithmetic is float32 whatever the storage dtype; offsets are int64.
-Only tl.exp / tl.log / tl.sigmoid are used (no libdevice), so the kernels
-also run under TRITON_INTERPRET=1.
+Exponentials are base 2 on pre-scaled arguments (``exp2(u * log2(e) / tau)``:
+one ``ex2.approx`` instruction on the GPU, no range reduction); only
+tl.math.exp2 / tl.log / tl.sigmoid are used (no libdevice), so the kernels also
+run under TRITON_INTERPRET=1.  NaN policy (every backend): a NaN logit makes
+the row's value NaN, its max logit NaN and its argmax the first NaN column
+(as ``torch.max``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import triton.language as tl
 NEG_INF = tl.constexpr(float("-inf"))
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 INT_MAX = tl.constexpr(2**31 - 1)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -48,13 +54,14 @@ def round_to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    # Grouped ordering: GROUP_M consecutive row blocks share each column
-    # (vocabulary split) block while it is hot in L2.
-    width = GROUP_M * num_n
+def swizzle(pid, num_m, num_n, group_m):
+    # Grouped ordering: group_m consecutive row blocks share each column
+    # (vocabulary split) block while it is hot in L2 (group_m is planned from
+    # the L2 size, see triton_kernels.plan_grid).
+    width = group_m * num_n
     group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    first_m = group * group_m
+    size_m = tl.minimum(num_m - first_m, group_m)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
     return pid_m, pid_n
@@ -77,32 +84,36 @@ def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 # max is strictly larger than the running max (first occurrence wins, like
 # torch.max).  q: z at the target column (0 where none matches, e.g. -1).
 @triton.jit
-def online_update(z, cmask, cols, tgt, m, s, w, q, idx, inv_tau,
+def online_update(z, cmask, cols, tgt, m, s, w, q, idx, nidx, inv_tau,
                   TARGET: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
     zm = tl.where(cmask[None, :], z, NEG_INF)
-    tile_max = tl.max(zm, 1)
+    isnan = zm != zm
+    zc = tl.where(isnan, NEG_INF, zm)       # max, shift and argmax skip NaN ...
+    tile_max = tl.max(zc, 1)
     m_new = tl.maximum(m, tile_max)
     m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-    delta = tl.where(m == NEG_INF, 0.0, (m - m_safe) * inv_tau)
-    alpha = tl.exp(delta)
-    t = (zm - m_safe[:, None]) * inv_tau
-    e = tl.exp(t)
-    if ENTROPY:
-        w = alpha * (w + s * delta) + tl.sum(e * tl.maximum(t, -FLT_MAX), 1)
+    k = inv_tau * LOG2E                     # base-2 exponents: one ex2 per logit
+    delta2 = tl.where(m == NEG_INF, 0.0, (m - m_safe) * k)
+    alpha = tl.math.exp2(delta2)
+    t2 = (zm - m_safe[:, None]) * k         # ... the sums do not: V is NaN then
+    e = tl.math.exp2(t2)
+    if ENTROPY:   # w in natural units: t = t2 * ln 2
+        w = alpha * (w + s * (delta2 * LN2)) + tl.sum(e * tl.maximum(t2, -FLT_MAX), 1) * LN2
     s = alpha * s + tl.sum(e, 1)
     if TARGET:
         q += tl.sum(tl.where(cols[None, :] == tgt[:, None], zm, 0.0), 1)
     if ARGMAX:
-        tile_idx = tl.min(tl.where(zm == tile_max[:, None], cols[None, :], INT_MAX), 1)
+        tile_idx = tl.min(tl.where(zc == tile_max[:, None], cols[None, :], INT_MAX), 1)
         idx = tl.where(tile_max > m, tile_idx, idx)
-    return m_new, s, w, q, idx
+        nidx = tl.minimum(nidx, tl.min(tl.where(isnan, cols[None, :], INT_MAX), 1))
+    return m_new, s, w, q, idx, nidx
 
 
 # dL/dz = A * p + B * [v == target],  p = exp((z - V) / tau)   (z capped)
 # times d(c tanh(u/c))/du = 1 - tanh^2 = 1 - (z / c)^2 with soft-capping.
 @triton.jit
 def dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP: tl.constexpr):
-    p = tl.exp((z - value[:, None]) * inv_tau)
+    p = tl.math.exp2((z - value[:, None]) * (inv_tau * LOG2E))
     dz = gv[:, None] * p + tl.where(cols[None, :] == tgt[:, None], gt[:, None], 0.0)
     if SOFTCAP:
         r = z / cap
@@ -111,8 +122,12 @@ def dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, mask, m, s, w, q, idx,
+def store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, mask, m, s, w, q, idx, nidx,
                    ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
+    # with ARGMAX, a NaN seen in the split is stored as max NaN, index the first NaN
+    if ARGMAX:
+        m = tl.where(nidx < INT_MAX, float("nan"), m)
+        idx = tl.where(nidx < INT_MAX, nidx, idx)
     tl.store(pm_ptr + off, m, mask=mask)
     tl.store(ps_ptr + off, s, mask=mask)
     tl.store(pq_ptr + off, q, mask=mask)
@@ -125,7 +140,7 @@ def store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, mask, m, s, w, q
 # Streaming statistics of stored logits: program (row block, vocabulary split)
 # walks its split in BLOCK_V columns with online_update and writes one partial
 # per row; merge_kernel combines the splits.
-@triton.jit
+@triton.jit(do_not_specialize=["n", "vb_per_split"])
 def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
                         n, V, stride_z, vb_per_split, inv_tau, cap,
                         SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
@@ -141,6 +156,7 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
     w = tl.zeros((BLOCK_R,), tl.float32)
     q = tl.zeros((BLOCK_R,), tl.float32)
     idx = tl.zeros((BLOCK_R,), tl.int32)
+    nidx = tl.full((BLOCK_R,), INT_MAX, tl.int32)
     v_begin = pid_s * vb_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_V)
     row_ptr = z_ptr + rows64[:, None] * stride_z
@@ -151,10 +167,10 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
                     other=0.0).to(tl.float32)
         if SOFTCAP:
             z = softcap_fn(z, cap)
-        m, s, w, q, idx = online_update(z, cmask, cols, tgt, m, s, w, q, idx, inv_tau,
-                                        True, ENTROPY, ARGMAX)
+        m, s, w, q, idx, nidx = online_update(z, cmask, cols, tgt, m, s, w, q, idx, nidx,
+                                              inv_tau, True, ENTROPY, ARGMAX)
     off = pid_s.to(tl.int64) * n + rows64
-    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx,
+    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx, nidx,
                    ENTROPY, ARGMAX)
 
 
@@ -163,7 +179,9 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
 #   s = sum_i a_i s_i,   w = sum_i a_i (w_i + s_i d_i),   q = sum_i q_i
 #   V = M + tau log s,   H = log s - w / s,   argmax from the first split
 #   holding M.  Rows whose logits are all -inf keep M = -inf (V = -inf).
-@triton.jit
+#   A split whose m_i is NaN saw a NaN logit (argmax mode): the first such
+#   split gives the argmax (its first NaN column) and the max logit is NaN.
+@triton.jit(do_not_specialize=["n", "nsplit"])
 def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
                  value_ptr, q_ptr, ent_ptr, amax_ptr, maxl_ptr,
                  n, nsplit, tau, inv_tau,
@@ -176,22 +194,27 @@ def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
     W = tl.zeros((BLOCK,), tl.float32)
     Q = tl.zeros((BLOCK,), tl.float32)
     idx = tl.zeros((BLOCK,), tl.int32)
+    nan_seen = tl.zeros((BLOCK,), tl.int1)
+    k = inv_tau * LOG2E
     for _ in range(0, nsplit):          # split i's partials start at i * n
         mi = tl.load(pm_ptr + rows64, mask=rmask, other=NEG_INF)
         si = tl.load(ps_ptr + rows64, mask=rmask, other=1.0)   # 1: no log(0) on padding
         Q += tl.load(pq_ptr + rows64, mask=rmask, other=0.0)
+        nan_i = mi != mi
+        mi = tl.where(nan_i, NEG_INF, mi)   # (its s_i is NaN: V stays NaN)
         m_new = tl.maximum(M, mi)
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        d_old = tl.where(M == NEG_INF, 0.0, (M - m_safe) * inv_tau)
-        d_i = tl.where(mi == NEG_INF, 0.0, (mi - m_safe) * inv_tau)
-        a_old = tl.exp(d_old)
-        a_i = tl.exp(d_i)
+        d_old = tl.where(M == NEG_INF, 0.0, (M - m_safe) * k)
+        d_i = tl.where(mi == NEG_INF, 0.0, (mi - m_safe) * k)
+        a_old = tl.math.exp2(d_old)
+        a_i = tl.math.exp2(d_i)
         if ENTROPY:
             wi = tl.load(pw_ptr + rows64, mask=rmask, other=0.0)
-            W = a_old * (W + S * d_old) + a_i * (wi + si * d_i)
+            W = a_old * (W + S * (d_old * LN2)) + a_i * (wi + si * (d_i * LN2))
         if ARGMAX:
             ii = tl.load(pi_ptr + rows64, mask=rmask, other=0)
-            idx = tl.where(mi > M, ii, idx)
+            idx = tl.where(nan_seen, idx, tl.where(nan_i | (mi > M), ii, idx))
+            nan_seen = nan_seen | nan_i
         S = a_old * S + a_i * si
         M = m_new
         pm_ptr += n
@@ -207,12 +230,12 @@ def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
         tl.store(ent_ptr + rows64, log_s - W / S, mask=rmask)
     if ARGMAX:
         tl.store(amax_ptr + rows64, idx.to(tl.int64), mask=rmask)
-        tl.store(maxl_ptr + rows64, M, mask=rmask)
+        tl.store(maxl_ptr + rows64, tl.where(nan_seen, float("nan"), M), mask=rmask)
 
 
 # Gradient of stored logits, tile by tile; every element is read before the
 # same program writes it, so `out` may alias the logits.
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def logits_grad_kernel(z_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, out_ptr,
                        n, V, stride_z, stride_o, inv_tau, cap,
                        SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,

@@ -359,6 +359,12 @@ def run(argv=None) -> int:
                   f"V={j['vocab']:<7} estimate {j['estimate_bytes'] / GIB:.2f} GiB{note}")
         return 0
 
+    from . import roofline
+    try:     # the cost model's figures for this device (CPU: a ~2 s calibration)
+        model_hw = roofline.bench_hardware(device, args.threads)
+    except Exception as exc:   # the model is an addition: never fail a run for it
+        print(f"fastirl-bench: no predictions ({exc})", file=sys.stderr)
+        model_hw = None
     run_id = time.strftime("%Y%m%d-%H%M%S")
     base = dict(env, run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
     rows = []
@@ -387,6 +393,8 @@ def run(argv=None) -> int:
     if bar is not None:
         bar.close()
     report.add_ratios(rows)
+    if model_hw is not None:
+        report.add_predictions(rows, model_hw, args.loss_preset)
     for r in rows:   # a shared, re-readable copy of the threads actually used
         r.setdefault("threads", "")
 
@@ -402,6 +410,9 @@ def run(argv=None) -> int:
           f"±half-range of {plan['repeats']} repeats; memory: peak above the inputs, fresh "
           "process per variant")
     print(report.text_table(report.TABLE_HEAD, cells))
+    if model_hw is not None:
+        print(f"  predicted: roofline model (python -m fastirl.bench.roofline) on "
+              f"{report.describe_hardware(model_hw)}")
     for n in notes:
         print("  " + n)
     md = [f"{report.shape_label(main_rows[0])}, {report.describe_env(main_rows[0])}", "",

@@ -23,6 +23,7 @@ COLUMNS = [
     "peak_mib", "peak_first_mib", "retained_mib", "estimate_mib", "compile_s",
     "time_vs_naive", "time_vs_floor", "mem_vs_naive",
     "check", "mem_method", "loadavg_1m", "fwd_ms_all", "fb_ms_all",
+    "predicted_ms", "predicted_on",
 ]
 
 MIB = float(1 << 20)
@@ -209,7 +210,35 @@ def fmt_ratio(v) -> str:
 
 
 TABLE_HEAD = ["variant", "mode", "forward", "forward+backward", "peak extra memory",
-              "time / naive", "time / floor", "memory / naive"]
+              "time / naive", "time / floor", "memory / naive", "predicted (/ measured)"]
+
+
+def add_predictions(rows: list[dict], hw, loss_preset: str = "default") -> None:
+    """predicted_ms of the roofline model (fastirl.bench.roofline) beside the
+    measured forward+backward, for the variants it models on this device."""
+    from . import roofline
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        ms = roofline.predict_ms(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
+                                 vocab=int(r["vocab"]), dtype=r["dtype"], hw=hw,
+                                 loss_preset=loss_preset)
+        if ms is not None:
+            r["predicted_ms"] = ms
+            r["predicted_on"] = hw.name
+
+
+def describe_hardware(hw) -> str:
+    return (f"{hw.name}: {hw.gemm_flops('bfloat16') / 1e12:.3g} TFLOP/s bf16 GEMM, "
+            f"{hw.gemm_flops('float32') / 1e12:.3g} TFLOP/s fp32 GEMM, "
+            f"{hw.bandwidth / 1e9:.0f} GB/s")
+
+
+def fmt_predicted(r: dict) -> str:
+    pred, meas = _f(r.get("predicted_ms")), _f(r.get("fb_ms_median"))
+    if pred is None:
+        return "-"
+    return fmt_ms(pred) + (f" ({pred / meas:.2f}x)" if meas else "")
 
 
 def table_rows(rows: list[dict]) -> tuple[list[list[str]], list[str]]:
@@ -221,7 +250,8 @@ def table_rows(rows: list[dict]) -> tuple[list[list[str]], list[str]]:
             continue
         cells.append([r["variant"], r["mode"], fmt_spread(r, "fwd_ms"), fmt_spread(r, "fb_ms"),
                       fmt_mib(r["peak_mib"]), fmt_ratio(r.get("time_vs_naive")),
-                      fmt_ratio(r.get("time_vs_floor")), fmt_ratio(r.get("mem_vs_naive"))])
+                      fmt_ratio(r.get("time_vs_floor")), fmt_ratio(r.get("mem_vs_naive")),
+                      fmt_predicted(r)])
     return cells, notes
 
 

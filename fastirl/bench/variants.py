@@ -144,7 +144,7 @@ def unavailable_reason(name: str, device) -> str | None:
             return line if len(line) <= 200 else line[:197] + "..."
         if not be.supports(device):
             return f"fastirl backend {backend!r} does not support {dev}"
-        if backend == "triton" and dev == "cpu":
+        if backend.startswith("triton") and dev == "cpu":
             return "Triton on CPU runs only in its interpreter: a correctness tool, not timed"
         return None
     return None

@@ -1,0 +1,209 @@
+"""The roofline cost model (fastirl.bench.roofline) and the chunk policy
+(fastirl.backends.chunking) it shares with the backends."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastirl
+from fastirl.backends import chunking
+from fastirl.bench import roofline as R
+
+CPU_HW = chunking.CPU
+
+
+def _gemm_flops(pred: R.Prediction) -> float:
+    return sum(o.flops * o.count for o in pred.ops if o.unit != "vector")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_flops_equal_flop_counter(chunk_size, dtype):
+    """The GEMM FLOPs the model gives for the torch backend are exactly what
+    FlopCounterMode counts for the same call (look-ahead rows included)."""
+    B, T, H, V = 2, 24, 32, 300
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(V, H, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (B, T), generator=g)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = fastirl.iq_loss(x, w, t, backend="torch", chunk_size=chunk_size)
+        loss.backward()
+    shape = R.Shape(B * T, H, V, str(dtype).split(".")[-1])
+    pred = R.predict("fastirl-torch", shape, CPU_HW, chunk_size=chunk_size)
+    assert _gemm_flops(pred) == counter.get_total_flops()
+    assert _gemm_flops(pred) >= 6 * B * T * H * V       # never below the three GEMMs
+
+
+def test_floor_flops_equal_flop_counter():
+    N, H, V = 40, 24, 200
+    x, w = torch.randn(N, H), torch.randn(V, H)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        z = x @ w.t()
+        z @ w
+        z.t() @ x
+    pred = R.predict("matmul-floor", R.Shape(N, H, V, "float32"), CPU_HW)
+    assert pred.flops == counter.get_total_flops() == 6 * N * H * V
+
+
+def test_cpu_epilogue_bytes_by_hand():
+    """fastirl-cpu, bf16, two chunks: the statistics epilogue reads each logit
+    once (2 bytes), the gradient epilogue reads and writes it (4 bytes)."""
+    N, H, V = 64, 32, 1000
+    pred = R.predict("fastirl-cpu", R.Shape(N, H, V, "bfloat16"), CPU_HW, chunk_size=32)
+    stats = [o for o in pred.ops if o.name == "epilogue_stats"]
+    grad = [o for o in pred.ops if o.name == "epilogue_grad"]
+    assert [o.bytes for o in stats] == [33 * V * 2, 32 * V * 2]     # + one look-ahead row
+    assert [o.bytes for o in grad] == [33 * V * 4, 32 * V * 4]
+    # the float32 dW accumulator: read + written per chunk (plus the bf16 partial)
+    adds = [o for o in pred.ops if o.name == "dW_add"]
+    assert [o.bytes for o in adds] == [V * H * (2 + 8)] * 2
+
+
+def test_gpu_epilogue_bytes_by_hand():
+    """The planner's statistics / gradient epilogues on a stored block."""
+    N, H, V = 4096, 4096, 128256
+    hw = R.gpu("h100")
+    pred = R.predict("fastirl-cuda", R.Shape(N, H, V, "bfloat16"), hw)
+    grad = [o for o in pred.ops if o.name == "epilogue_grad"]
+    assert sum(o.bytes for o in grad) == N * V * 2 * 2
+    stats = [o for o in pred.ops if o.name == "epilogue_stats"]
+    # one read of the block, plus 16 bytes of partials per row and split
+    assert sum(o.bytes for o in stats) >= N * V * 2
+    assert sum(o.bytes for o in stats) <= N * V * 2 * 1.01
+    # a row-wise kernel is bandwidth-bound at exp2 cost
+    assert all(o.bytes / hw.bandwidth > o.flops / hw.vector_flops for o in grad)
+
+
+def test_op_time_is_the_roofline():
+    hw = R.gpu("h100")
+    compute = R.Op("gemm", 2e12, 1e6, "bfloat16")
+    memory = R.Op("copy", 1e6, 3.35e9, "vector")
+    assert compute.seconds(hw) == pytest.approx(2e12 / 989.4e12)
+    assert memory.seconds(hw) == pytest.approx(1e-3)
+    assert R.Op("x", 1, 1, "vector", count=3).seconds(hw) == pytest.approx(
+        3 * R.Op("x", 1, 1, "vector").seconds(hw))
+
+
+LLAMA3_8B = R.Shape(8192, 4096, 128256, "bfloat16")
+
+
+def test_cuda_default_is_within_the_issue_bounds():
+    """The design auto picks on CUDA: <= 1.15x the 3-GEMM floor at the
+    Llama-3-8B head shape on H100, and no slower than Liger or CCE."""
+    preds = {p.variant: p for p in R.predict_all(LLAMA3_8B, R.gpu("h100"))}
+    for default in ("fastirl-triton", "fastirl-cuda"):
+        assert preds[default].vs_floor <= 1.15
+        assert preds[default].seconds <= preds["liger"].seconds
+        assert preds[default].seconds <= preds["cce"].seconds
+    assert preds["matmul-floor"].vs_floor == pytest.approx(1.0)
+    # the floor: 3 GEMMs of 2 N H V at the bf16 peak
+    assert preds["matmul-floor"].seconds == pytest.approx(
+        6 * 8192 * 4096 * 128256 / 989.4e12, rel=0.01)
+
+
+def test_every_cuda_variant_predicts_on_every_gpu():
+    for name in chunking.GPUS:
+        preds = R.predict_all(R.Shape(2048, 1024, 32000, "bfloat16"), R.gpu(name))
+        assert {p.variant for p in preds} == set(R.cuda_variants())
+        for p in preds:
+            assert p.seconds > 0 and p.flops > 0 and p.hbm_bytes > 0 and p.launches > 0
+            assert p.vs_floor >= 1.0 - 1e-9, p.variant
+
+
+def test_faster_memory_only_helps():
+    h100, h200 = R.predict_all(LLAMA3_8B, R.gpu("h100")), R.predict_all(LLAMA3_8B, R.gpu("h200"))
+    for a, b in zip(h100, h200):
+        assert b.seconds <= a.seconds * (1 + 1e-9), a.variant
+
+
+def test_cli_csv_and_png(tmp_path, capsys):
+    out, png = tmp_path / "m.csv", tmp_path / "m.png"
+    rc = R.main(["--gpu", "h100", "--csv", str(out), "--png", str(png),
+                 "--sweep-tokens", "1024,8192"])
+    assert rc == 0
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[:7] == ["variant", "gpu", "launches", "flops", "hbm_bytes",
+                                         "predicted_ms", "predicted_vs_floor"]
+        rows = list(reader)
+    names = {r["variant"] for r in rows}
+    assert names == set(R.cuda_variants())
+    assert {int(r["tokens"]) for r in rows} == {1024, 8192}
+    assert png.stat().st_size > 0
+    assert "matmul-floor" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_input(capsys):
+    assert R.main(["--gpu", "tpu"]) == 2
+    assert R.main(["--hidden", "0"]) == 2
+    assert R.main(["--variants", "nope"]) == 2
+
+
+def test_cpu_calibration_is_sane():
+    hw = R.calibrate_cpu(seconds=0.4)
+    assert hw.kind == "cpu" and hw.bandwidth > 1e8
+    assert hw.gemm_flops("float32") > 1e8 and hw.gemm_flops("bfloat16") > 1e8
+
+
+def test_predict_ms_covers_the_bench_variants():
+    hw = CPU_HW
+    kw = dict(tokens=256, hidden=64, vocab=1000, dtype="float32", hw=hw)
+    for name in ("fastirl-cpu", "fastirl-cpu-ce", "fastirl-torch", "matmul-floor", "naive"):
+        assert R.predict_ms(name, **kw) > 0
+    assert R.predict_ms("cce", **kw) is None            # not modelled on the CPU
+    assert R.predict_ms("fastirl-cpu", loss_preset="highest", **kw) is None
+
+
+# ------------------------------------------------------------------ chunk policy
+
+@pytest.mark.parametrize("n,vocab,hidden,dtype", [
+    (8192, 128256, 2048, torch.bfloat16), (4096, 32000, 512, torch.bfloat16),
+    (4096, 32000, 512, torch.float32), (100000, 256000, 8192, torch.bfloat16),
+    (37, 50, 16, torch.float32), (5000, 151936, 3584, torch.float16)])
+@pytest.mark.parametrize("hw", [chunking.CPU, chunking.GPUS["h100"], chunking.GPUS["a100"]])
+def test_chunk_policy_bounds(n, vocab, hidden, dtype, hw):
+    isz = chunking.itemsize(dtype)
+    rows = chunking.rows_per_chunk(n, vocab, hidden, dtype, hardware=hw)
+    assert 1 <= rows <= n
+    budget = max(hw.min_block_bytes, vocab * hidden * 4 // 2)
+    assert rows * vocab * isz <= budget or rows <= chunking.ALIGN
+    parts = -(-n // rows)
+    # equal chunks: the last is not a sliver
+    assert n - (parts - 1) * rows >= rows - parts * chunking.ALIGN
+    # as few chunks as the smaller of the overhead target (W / dW traffic at most
+    # OVERHEAD of the GEMM time) and the memory budget allow
+    r_eff = -(-chunking.chunk_overhead(1, dtype, hardware=hw) // chunking.OVERHEAD)
+    r_mem = budget // (vocab * isz)
+    assert parts == -(-n // min(int(r_eff), r_mem, n))
+
+
+def test_chunk_policy_overrides_and_edges():
+    f = chunking.rows_per_chunk
+    assert f(100, 1000, 64, torch.float32, chunk_size=7) == 7
+    assert f(100, 1000, 64, torch.float32, chunk_size=1000) == 100
+    assert f(100, 1000, 64, torch.float32, chunk_size=0) == 1
+    assert f(0, 1000, 64, torch.float32) == 1
+    # stored logits (hidden = 0): the memory floor alone
+    assert f(10**6, 1000, 0, torch.float32) == (64 << 20) // 4000 // 16 * 16 or \
+        f(10**6, 1000, 0, torch.float32) <= (64 << 20) // 4000
+    assert f(8192, 128256, 4096, torch.bfloat16, device="cuda") == 4096
+    assert f(8192, 128256, 4096, torch.bfloat16, hardware="h200") == 4096
+    with pytest.raises(ValueError, match="hardware"):
+        f(10, 10, 10, torch.float32, hardware="tpu")
+
+
+def test_backends_use_the_policy():
+    from fastirl.backends.torch_chunked import TorchChunkedBackend
+    be = TorchChunkedBackend()
+    args = (8192, 128256, 2048, torch.float32)
+    expected = chunking.rows_per_chunk(*args, device="cuda" if torch.cuda.is_available()
+                                       else "cpu", block_itemsize=4)
+    assert be.rows_per_chunk(*args, None) == expected
+    assert be.rows_per_chunk(*args, 123) == 123
