@@ -656,9 +656,23 @@ def test_ops_accept_n_by_1_blocks_with_any_column_stride():
     assert torch.allclose(out, torch.zeros(6, 1), atol=1e-6)     # p = 1 minus the one-hot
 
 
-def test_build_lock_removes_a_stale_torch_lock(tmp_path):
+def test_build_lock_leaves_torchs_os_level_lock_alone(tmp_path, monkeypatch):
+    """torch >= 2.14 locks builds with an OS-level FileLock whose file stays on
+    disk after every build: a later process must neither wait for it nor delete it."""
+    import time
+    monkeypatch.setattr(native, "_torch_uses_baton", lambda: False)
+    lock = tmp_path / "lock"
+    lock.write_text("")                                      # left by a finished build
+    t0 = time.time()
+    with native.build_lock(tmp_path, stale_after=300):
+        assert lock.exists()
+    assert time.time() - t0 < 2
+
+
+def test_build_lock_removes_a_stale_torch_lock(tmp_path, monkeypatch):
     import threading
     import time
+    monkeypatch.setattr(native, "_torch_uses_baton", lambda: True)   # torch < 2.14's FileBaton
     lock = tmp_path / "lock"
     lock.write_text("")                                      # left by a killed build
     old = time.time() - 3600

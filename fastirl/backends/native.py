@@ -152,7 +152,8 @@ def build_lock(directory: Path, stale_after: float | None = None):
     removed at once.  Otherwise it can only belong to a process that does not
     take this lock (an older fastirl): it is waited for while it is younger
     than ``stale_after`` seconds (``$FASTIRL_STALE_LOCK_S``, default 300:
-    longer than any build of these sources), then removed."""
+    longer than any build of these sources), then removed.  With a torch whose
+    own lock is an OS-level lock, its ``lock`` file is left alone."""
     directory.mkdir(parents=True, exist_ok=True)
     if stale_after is None:
         stale_after = float(os.environ.get("FASTIRL_STALE_LOCK_S", "300"))
@@ -165,13 +166,23 @@ def build_lock(directory: Path, stale_after: float | None = None):
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         owner = directory / ".fastirl-build.owner"
         try:
-            # a leftover owner file: the last holder died inside its build
-            _clear_stale_baton(directory / "lock", 0.0 if owner.exists() else stale_after)
+            # a leftover owner file: the last holder died inside its build.  A
+            # torch whose ``lock`` is an OS-level lock (not a baton) leaves that
+            # file behind after every build: it is never waited on or removed.
+            if _torch_uses_baton():
+                _clear_stale_baton(directory / "lock", 0.0 if owner.exists() else stale_after)
             owner.write_text(str(os.getpid()))
             yield
         finally:
             owner.unlink(missing_ok=True)
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _torch_uses_baton() -> bool:
+    """Whether torch's JIT build lock is a FileBaton (a file whose mere existence
+    blocks, left behind by a killed build) rather than an OS-level FileLock,
+    which the kernel releases when its holder dies (torch >= 2.14)."""
+    return not hasattr(_cpp_extension(), "FileLock")
 
 
 def _clear_stale_baton(path: Path, stale_after: float) -> None:
