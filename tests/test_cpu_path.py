@@ -8,7 +8,7 @@ import torch
 
 import fastirl
 from fastirl import reference
-from fastirl.backends import chunking
+from fastirl.backends import chunking, gemm_epilogue
 
 native = pytest.importorskip("fastirl.backends.native")
 
@@ -49,7 +49,7 @@ def test_acc_add_rejects_bad_input(cpu_backend):
 def test_chunks_and_slabs_match_the_reference(cpu_backend, monkeypatch, dtype):
     """Several chunks (explicit and from the policy) and dW in several slabs:
     loss and gradients as the float64 reference, within the dtype's rounding."""
-    monkeypatch.setattr(native, "_DW_SLAB_BYTES", 3 * 24 * 2)   # 3 vocabulary rows per slab
+    monkeypatch.setattr(gemm_epilogue, "_DW_SLAB_BYTES", 3 * 24 * 2)   # 3 vocabulary rows per slab
     B, T, H, V = 2, 21, 24, 50
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, H, generator=g)

@@ -46,8 +46,12 @@ log = logging.getLogger("fastirl")
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 # Fallback of the float32-accumulated low-precision dW GEMM (CPU, or a torch
-# without CUDA addmm(out_dtype=)): rows of dW per low-precision temporary.
-_DW_SLAB_BYTES = 8 << 20
+# without CUDA addmm(out_dtype=)): the low-precision temporary is at most this
+# many bytes (a slab of rows), never a full copy.  Every slab GEMM packs its
+# right operand afresh, so slabs must be large: at B=2 T=4096 H=2048 V=128256
+# bf16 on the CPU (2048-row chunks) a forward+backward took 1.3x as long with
+# 8 MiB slabs as with 64 MiB ones, and 1.9x with 1 MiB ones.
+_DW_SLAB_BYTES = 64 << 20
 _OUT_DTYPE_OK = True
 
 
@@ -62,11 +66,15 @@ def dz_scale(dtype: torch.dtype, grad_value: torch.Tensor, grad_target: torch.Te
     return 2.0 ** math.floor(math.log2(m))
 
 
-def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, *,
+              add_into=None) -> None:
     """acc (float32) += alpha * a @ b with a, b in a 16-bit dtype or float32,
     accumulated in float32 without float32 copies of a or b: cuBLAS with a
     float32 output on CUDA, else row slabs of a low-precision GEMM (a
-    temporary of at most _DW_SLAB_BYTES) added into acc."""
+    temporary of at most _DW_SLAB_BYTES) added into acc, by
+    ``add_into(acc_slab, part)`` when given and alpha == 1 (e.g. the CPU
+    extension's ``acc_add_``, which converts in registers instead of making a
+    float32 temporary as a mixed-dtype ``add_`` does)."""
     global _OUT_DTYPE_OK
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, alpha=alpha)
@@ -83,7 +91,11 @@ def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float 
     tmp = torch.empty((rows, acc.shape[1]), dtype=a.dtype, device=a.device)
     for r0 in range(0, acc.shape[0], rows):
         r1 = min(acc.shape[0], r0 + rows)
-        acc[r0:r1].add_(torch.mm(a[r0:r1], b, out=tmp[: r1 - r0]), alpha=alpha)
+        part = torch.mm(a[r0:r1], b, out=tmp[: r1 - r0])
+        if add_into is not None and alpha == 1.0:
+            add_into(acc[r0:r1], part)
+        else:
+            acc[r0:r1].add_(part, alpha=alpha)
 
 
 def grad_gemms(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, need_x: bool,

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from .base import LogitSpec, RowStats
-from .gemm_epilogue import GemmEpilogueBackend
+from .gemm_epilogue import GemmEpilogueBackend, addmm_f32
 from .torch_chunked import _BUDGET as _TORCH_BUDGET
 from .torch_chunked import TorchChunkedBackend
 
@@ -494,29 +494,8 @@ class NativeCPUBackend(_NativeBackend):
         if dbias is not None:
             dbias.add_(dz.sum(dim=0, dtype=dbias.dtype))
         if dweight is not None:
-            _addmm_lowp(dweight, dz, x)
+            addmm_f32(dweight, dz.t(), x, add_into=torch.ops.fastirl.acc_add_)
         return torch.mm(dz, weight) if need_x else None
-
-
-# Rows of dW computed per low-precision GEMM: the temporary is at most this many
-# bytes (a slab of the vocabulary), never a (V, H) copy.  Every slab GEMM packs
-# x afresh, so slabs must be large: at B=2 T=4096 H=2048 V=128256 bf16 (2048-row
-# chunks) a forward+backward took 1.3x as long with 8 MiB slabs as with 64 MiB
-# ones, and 1.9x with 1 MiB ones.
-_DW_SLAB_BYTES = 64 << 20
-
-
-def _addmm_lowp(dweight: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
-    """dweight (V, H) float32 += dz.T @ x with dz (n, V), x (n, H) in bf16 / fp16.
-    The partials are added by ``fastirl::acc_add_`` (converted in registers:
-    torch's mixed-dtype ``add_`` would first copy each to a float32 temporary)."""
-    V, H = dweight.shape
-    rows = max(1, min(V, _DW_SLAB_BYTES // (max(H, 1) * x.element_size())))
-    tmp = torch.empty((rows, H), dtype=x.dtype, device=x.device)
-    for v0 in range(0, V, rows):
-        v1 = min(V, v0 + rows)
-        part = torch.mm(dz[:, v0:v1].t(), x, out=tmp[: v1 - v0])
-        torch.ops.fastirl.acc_add_(dweight[v0:v1], part)
 
 
 class NativeCUDABackend(GemmEpilogueBackend):
