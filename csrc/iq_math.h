@@ -4,7 +4,7 @@
 // arithmetic (selects, no calls into libm) so that a compiler vectorises the
 // CPU loops that use it and the CUDA kernels keep few registers.
 //
-// Contract (see fastirl/backends/base.py and shared/spec/iq-objective.md):
+// Contract (see fastirl/backends/base.py and docs/objective.md):
 //   z_c  = c * tanh(z / c)                      (soft cap, optional)
 //   V    = tau * logsumexp(z_c / tau)           (soft value)
 //   p    = exp((z_c - V) / tau)                 (policy)

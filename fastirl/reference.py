@@ -1,5 +1,5 @@
 """The naive IQ-Learn loss: materialises the (B, T, V) logits and follows
-``shared/spec/iq-objective.md`` line by line.
+``docs/objective.md`` line by line.
 
 This is the test oracle (pass float64 tensors for ground truth) and the
 benchmark baseline (pass the training dtype to get the naive computation's own

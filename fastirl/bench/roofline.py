@@ -34,12 +34,12 @@ import csv
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from fastirl.backends import chunking
+from fastirl.backends import chunking, gemm_epilogue
 from fastirl.backends.chunking import GPUS, Hardware
 
 __all__ = ["Op", "Shape", "Prediction", "gpu", "calibrate_cpu", "cuda_variants",
@@ -476,7 +476,6 @@ def _fastirl_cpu(s: Shape, hw: Hardware, *, softcap: bool,
     dtype), the statistics and gradient epilogues (one read; one read + write),
     dx = dz @ W and dW: a float32 addmm for float32 inputs, else low-precision
     GEMMs per vocabulary slab added into the float32 accumulator."""
-    from fastirl.backends import native
     N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
     dt = s.torch_dtype
     rows = chunking.rows_per_chunk(N, V, H, dt, hardware=hw, chunk_size=chunk_size,
@@ -489,7 +488,7 @@ def _fastirl_cpu(s: Shape, hw: Hardware, *, softcap: bool,
         ops.append(elementwise("epilogue_grad", c * V, 2 * isz, _epi("poly", "grad", softcap)))
         ops.append(gemm("gemm_dx", c, H, V, s.dtype))
         if lowp:
-            slab = max(1, min(V, native._DW_SLAB_BYTES // (H * isz)))
+            slab = max(1, min(V, gemm_epilogue._DW_SLAB_BYTES // (H * isz)))
             nslab = -(-V // slab)
             # every slab GEMM streams the (c, H) x panel again
             ops.append(Op("gemm_dw", 2.0 * V * H * c,
