@@ -62,6 +62,7 @@ from functools import lru_cache
 import torch
 
 from .base import LogitSpec, RowStats
+from .gemm_epilogue import _FLOAT as _FLOAT_DTYPES
 from .gemm_epilogue import GemmEpilogueBackend, dz_scale, grad_gemms
 
 try:
@@ -80,7 +81,6 @@ __all__ = ["TritonBackend", "TritonFusedBackend", "TileConfig", "CONFIGS", "pick
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Bound of the rows of one engine chunk of the fused backend: its float32 dx
 # accumulator (deterministic mode) stays under this many bytes.
@@ -610,9 +610,7 @@ class TritonFusedBackend:
         rows = _CHUNK_BYTES // (4 * max(hidden, 1) + 64)
         return max(1, min(n, rows - rows % 16 if rows >= 16 else rows))
 
-    @staticmethod
-    def _native(*tensors: torch.Tensor | None) -> bool:
-        return all(t is None or t.dtype in _FLOAT_DTYPES for t in tensors)
+    _native = staticmethod(GemmEpilogueBackend._native)
 
     def _use_epilogue(self, x, weight, bias) -> bool:
         """Operands the fused kernels do not take (see fused_aligned) go to the
