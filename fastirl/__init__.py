@@ -12,7 +12,7 @@ from .backends import available_backends
 from .engine import PRESETS
 from .functional import implicit_rewards, iq_loss, iq_loss_from_logits
 from .modules import IQLoss, LinearIQLoss
-from .objective import DIVERGENCES
+from .options import DIVERGENCES
 
 __version__ = "0.1.0"
 

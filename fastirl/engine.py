@@ -23,6 +23,7 @@ import torch
 from . import objective as obj
 from .backends import LogitSpec, resolve_backend
 from .backends.base import Backend, RowStats, acc_dtype
+from .options import IQOptions, RunOptions
 
 
 @dataclass(frozen=True)
@@ -50,31 +51,36 @@ class _Job:
     backend: Backend
     spec: LogitSpec
     plan: obj.RowPlan
-    opts: obj.IQOptions
+    opts: IQOptions
     chunk: int
+    dtype: torch.dtype | None = None     # the GEMMs' dtype (rows are cast to it per chunk)
     # Filled by forward: statistics that are not differentiable outputs.
     extras: dict[str, Any] = field(default_factory=dict)
 
     def chunks(self, lookahead: bool = False):
-        """(start, stop, stop_with_lookahead) over the active rows."""
+        """(start, stop, stop_with_lookahead) over the active rows.  With
+        ``lookahead`` every chunk but the last takes the next chunk's first row
+        too, whether its last row bootstraps from it or not (d = 0 zeroes its
+        use): knowing which would cost a host read of the plan."""
         n, c = self.plan.n, self.chunk
-        cont = self.plan.cont.cpu() if lookahead else None
         for s in range(0, n, c):
             e = min(s + c, n)
-            yield s, e, e + 1 if lookahead and e < n and bool(cont[e - 1]) else e
+            yield s, e, e + 1 if lookahead and e < n else e
 
     def rows(self, t: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        """Rows [s, e) of the active list taken from a (B*T, ...) tensor, as a block
-        whose rows are unit-stride and distinct: a strided view (stride(1) != 1,
-        even where size-1 dimensions make it "contiguous") or an expanded one
-        (rows sharing memory) is copied, one chunk at a time."""
+        """Rows [s, e) of the active list taken from a (B*T, ...) tensor, in the
+        GEMMs' dtype, as a block whose rows are unit-stride and distinct: a
+        strided view (stride(1) != 1, even where size-1 dimensions make it
+        "contiguous") or an expanded one (rows sharing memory) is copied, one
+        chunk at a time."""
         if self.plan.index is not None:
-            return t.index_select(0, self.plan.index[s:e])
-        rows = t[s:e]
-        if rows.dim() == 2 and rows.shape[1] > 0 and (
-                rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1])):
-            rows = rows.new_empty(rows.shape).copy_(rows)
-        return rows
+            rows = t.index_select(0, self.plan.index[s:e])
+        else:
+            rows = t[s:e]
+            if rows.dim() == 2 and rows.shape[1] > 0 and (
+                    rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1])):
+                rows = rows.new_empty(rows.shape).copy_(rows)
+        return rows if self.dtype is None or rows.dtype == self.dtype else rows.to(self.dtype)
 
     def put(self, out: torch.Tensor, s: int, e: int, rows: torch.Tensor) -> None:
         if self.plan.index is None:
@@ -85,7 +91,7 @@ class _Job:
 
 def _cat(parts: list[torch.Tensor | None], empty: torch.Tensor) -> torch.Tensor | None:
     if not parts:
-        return empty
+        return empty.clone()        # a tensor of its own (outputs must not alias each other)
     return None if parts[0] is None else torch.cat(parts)
 
 
@@ -94,15 +100,17 @@ def _collect(stats: list[RowStats], device, dtype) -> dict[str, torch.Tensor | N
     return {
         "value": _cat([s.value for s in stats], f32),
         "target_logit": _cat([s.target_logit for s in stats], f32),
+        "logit_sum": _cat([s.logit_sum for s in stats], f32),
         "entropy": _cat([s.entropy for s in stats], f32),
         "argmax": _cat([s.argmax for s in stats], torch.zeros(0, dtype=torch.long, device=device)),
     }
 
 
 def _grad_buffers(job: _Job, x, weight, bias, need):
+    """dx in x's dtype; dW / db accumulators in float32 (float64 for float64)."""
     need_x, need_w, need_b = need
     dx = torch.zeros_like(x) if need_x else None
-    acc = acc_dtype(weight.dtype)
+    acc = acc_dtype(job.dtype or weight.dtype)
     dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     db = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
           if need_b and bias is not None else None)
@@ -110,79 +118,110 @@ def _grad_buffers(job: _Job, x, weight, bias, need):
 
 
 def _finish(dw, weight, db, bias):
+    """The accumulators in the parameters' own dtypes (float32 master weights
+    under autocast keep the float32 sums)."""
     return (None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
+
+
+def _operands(job: _Job, weight, bias):
+    """weight and bias in the GEMMs' dtype (a copy only under autocast / "highest")."""
+    cast = lambda t: None if t is None else (  # noqa: E731
+        t if job.dtype is None or t.dtype == job.dtype else t.to(job.dtype))
+    return cast(weight).contiguous(), cast(bias)
+
+
+def _zeros(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if t is None else t.to(like.dtype)
 
 
 class _RowStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, job: _Job, x, weight, bias):
+        w, b = _operands(job, weight, bias)
         stats = []
         for s, e, _ in job.chunks():
-            st, _ = job.backend.forward(job.rows(x, s, e), weight, bias, job.plan.targets[s:e],
+            st, _ = job.backend.forward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
                                         job.spec, keep=False)
             stats.append(st)
-        out = _collect(stats, x.device, acc_dtype(x.dtype))
+        out = _collect(stats, x.device, acc_dtype(job.dtype or x.dtype))
         job.extras.update(entropy=out["entropy"], argmax=out["argmax"])
         ctx.job = job
         ctx.save_for_backward(x, weight, bias, out["value"])
-        return out["value"], out["target_logit"]
+        ctx.mark_non_differentiable(*(t for t in (out["logit_sum"],) if t is not None))
+        return out["value"], out["target_logit"], out["logit_sum"]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_value, grad_target):
+    def backward(ctx, grad_value, grad_target, grad_sum):
         job: _Job = ctx.job
         x, weight, bias, value = ctx.saved_tensors
-        grad_value = torch.zeros_like(value) if grad_value is None else grad_value.to(value.dtype)
-        grad_target = torch.zeros_like(value) if grad_target is None else grad_target.to(value.dtype)
+        w, b = _operands(job, weight, bias)
+        grad_value, grad_target = _zeros(grad_value, value), _zeros(grad_target, value)
         dx, dw, db = _grad_buffers(job, x, weight, bias, ctx.needs_input_grad[1:])
         for s, e, _ in job.chunks():
-            dx_c = job.backend.backward(job.rows(x, s, e), weight, bias, job.plan.targets[s:e],
+            dx_c = job.backend.backward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
                                         value[s:e], grad_value[s:e], grad_target[s:e], job.spec,
-                                        None, need_x=dx is not None, dweight=dw, dbias=db)
+                                        None, need_x=dx is not None, dweight=dw, dbias=db,
+                                        **_sum_kw(grad_sum, s, e))
             if dx is not None:
                 job.put(dx, s, e, dx_c)
         return (None, dx, *_finish(dw, weight, db, bias))
+
+
+def _sum_kw(grad_sum: torch.Tensor | None, s: int, e: int) -> dict:
+    """The uniform-gradient coefficient of label smoothing, when there is one."""
+    return {} if grad_sum is None else {"grad_sum": grad_sum[s:e]}
 
 
 class _SinglePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, job: _Job, x, weight, bias):
         plan, opts = job.plan, job.opts
+        w, b = _operands(job, weight, bias)
         dx, dw, db = _grad_buffers(job, x, weight, bias, ctx.needs_input_grad[1:])
-        total = torch.zeros((), dtype=acc_dtype(x.dtype), device=x.device)
+        acc = acc_dtype(job.dtype or x.dtype)
+        total = torch.zeros((), dtype=acc, device=x.device)
         stats, rewards = [], []
         carry = None          # dL/dV of this chunk's first row, from the previous chunk
         for s, e, e_look in job.chunks(lookahead=True):
             k = e - s
-            st, state = job.backend.forward(job.rows(x, s, e_look), weight, bias,
+            st, state = job.backend.forward(job.rows(x, s, e_look), w, b,
                                             plan.targets[s:e_look], job.spec, keep=True)
+            smooth = st.logit_sum is not None
             with torch.enable_grad():
                 q = st.target_logit[:k].detach().requires_grad_()
                 v = st.value.detach().requires_grad_()
+                lsum = st.logit_sum[:k].detach().requires_grad_() if smooth else None
                 loss, r = obj.row_losses(q, v[:k], plan.slice(s, e), opts,
-                                         v_after=v[k] if e_look > e else None)
-                grad_target, grad_value = torch.autograd.grad(loss.sum(), (q, v))
+                                         v_after=v[k] if e_look > e else None, logit_sum=lsum)
+                wrt = (q, v, lsum) if smooth else (q, v)
+                got = torch.autograd.grad(loss.sum(), wrt, allow_unused=True,
+                                          materialize_grads=True)
+            grad_target, grad_value = got[0], got[1]
             if carry is not None:
                 grad_value[0] += carry
             carry = grad_value[k].clone() if e_look > e else None
-            grad_target = torch.cat([grad_target, grad_target.new_zeros(e_look - e)])
+            pad = lambda g: torch.cat([g, g.new_zeros(e_look - e)])  # noqa: E731
+            grad_target = pad(grad_target)
             if e_look > e:                       # the look-ahead row is the next chunk's
                 grad_value[k] = 0
-            dx_c = job.backend.backward(job.rows(x, s, e_look), weight, bias,
+            extra = {"grad_sum": pad(got[2])} if smooth else {}
+            dx_c = job.backend.backward(job.rows(x, s, e_look), w, b,
                                         plan.targets[s:e_look], st.value, grad_value,
                                         grad_target, job.spec, state,
-                                        need_x=dx is not None, dweight=dw, dbias=db)
+                                        need_x=dx is not None, dweight=dw, dbias=db, **extra)
             if dx is not None:
                 job.put(dx, s, e, dx_c[:k])
             total += loss.detach().sum()
             stats.append(RowStats(st.value[:k], st.target_logit[:k],
                                   None if st.entropy is None else st.entropy[:k],
-                                  None if st.argmax is None else st.argmax[:k]))
+                                  None if st.argmax is None else st.argmax[:k],
+                                  logit_sum=st.logit_sum[:k] if smooth else None))
             rewards.append(r.detach())
             del state, dx_c       # free this chunk's logits block before the next one
-        out = _collect(stats, x.device, acc_dtype(x.dtype))
-        out["reward"] = _cat(rewards, torch.zeros(0, dtype=acc_dtype(x.dtype), device=x.device))
+        out = _collect(stats, x.device, acc)
+        out["reward"] = _cat(rewards, torch.zeros(0, dtype=acc, device=x.device))
         job.extras.update(out)
         # Saved like any tensor autograd keeps: freed by the first backward unless
         # it passes retain_graph=True (then a second backward works; without it,
@@ -194,31 +233,41 @@ class _SinglePass(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         grads = ctx.saved_tensors
+        # One host read: scaling dW by an upstream gradient of 1 would be a pass over
+        # the whole weight gradient (and a copy of it, which a retained graph needs).
         if not torch.equal(grad_out, torch.ones_like(grad_out)):
             grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
         return (None, *grads)
 
 
-def _low_precision(t: torch.Tensor | None) -> bool:
-    return t is not None and t.dtype in (torch.bfloat16, torch.float16)
+PRECISE = (torch.float32, torch.float64)
 
 
-def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: obj.IQOptions, *, backend: str,
-               preset: Preset, chunk_size: int | None, want_metrics: bool,
-               single_pass: bool | None = None):
-    """The IQ loss of flattened rows (B*T, H).  Returns (loss, per-row tensors dict)."""
-    out_dtype = hidden2d.dtype
-    if preset.upcast and _low_precision(hidden2d):
-        hidden2d, weight = hidden2d.float(), weight.float()
-        bias = None if bias is None else bias.float()
-    be = resolve_backend(backend, hidden2d.device)
-    spec = LogitSpec(temperature=opts.temperature, softcap=opts.softcap,
+def _gemm_dtype(dtype: torch.dtype, preset: Preset) -> torch.dtype:
+    """bf16 / fp16 GEMMs run on float32 copies with preset "highest"."""
+    return torch.float32 if preset.upcast and dtype not in PRECISE else dtype
+
+
+def _spec(opts: IQOptions, preset: Preset, want_metrics: bool, logit_sum: bool) -> LogitSpec:
+    return LogitSpec(temperature=opts.temperature, softcap=opts.softcap,
                      deterministic=preset.deterministic, entropy=want_metrics,
-                     argmax=want_metrics)
+                     argmax=want_metrics, logit_sum=logit_sum)
+
+
+def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: IQOptions, *,
+               backend: "str | Backend", run: RunOptions, want_metrics: bool,
+               logit_sum: bool = False, compute_dtype: torch.dtype | None = None,
+               single_pass: bool | None = None):
+    """The IQ loss of flattened rows (B*T, H), GEMMs in ``compute_dtype``
+    (default: hidden's).  Returns (loss in the accumulation dtype, per-row
+    tensors dict)."""
+    preset = PRESETS[run.preset]
+    dtype = _gemm_dtype(compute_dtype or hidden2d.dtype, preset)
+    be = resolve_backend(backend, hidden2d.device)
+    spec = _spec(opts, preset, want_metrics, logit_sum)
     V, H = weight.shape
-    chunk = be.rows_per_chunk(plan.n, V, H, hidden2d.dtype, chunk_size) if plan.n else 1
-    job = _Job(be, spec, plan, opts, chunk)
-    weight = weight.contiguous()
+    chunk = be.rows_per_chunk(plan.n, V, H, dtype, run.chunk_size) if plan.n else 1
+    job = _Job(be, spec, plan, opts, chunk, dtype)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden2d, weight, bias))
     if single_pass is None:
@@ -227,12 +276,12 @@ def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: obj.IQOptions, *
         loss = _SinglePass.apply(job, hidden2d, weight, bias)
         rows = job.extras
     else:
-        value, q = _RowStats.apply(job, hidden2d, weight, bias)
-        loss, r = obj.row_losses(q, value, plan, opts)
+        value, q, lsum = _RowStats.apply(job, hidden2d, weight, bias)
+        loss, r = obj.row_losses(q, value, plan, opts, logit_sum=lsum)
         rows = dict(job.extras, value=value, target_logit=q, reward=r, row_loss=loss)
         if opts.reduction != "none":
             loss = loss.sum()
-    return _cast(loss, out_dtype), rows
+    return loss, rows
 
 
 class _LogitsRowStats(torch.autograd.Function):
@@ -244,46 +293,41 @@ class _LogitsRowStats(torch.autograd.Function):
         job.extras.update(entropy=out["entropy"], argmax=out["argmax"])
         ctx.job = job
         ctx.save_for_backward(logits, out["value"])
-        return out["value"], out["target_logit"]
+        return out["value"], out["target_logit"], out["logit_sum"]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_value, grad_target):
+    def backward(ctx, grad_value, grad_target, grad_sum):
         job: _Job = ctx.job
         logits, value = ctx.saved_tensors
-        grad_value = torch.zeros_like(value) if grad_value is None else grad_value.to(value.dtype)
-        grad_target = torch.zeros_like(value) if grad_target is None else grad_target.to(value.dtype)
+        grad_value, grad_target = _zeros(grad_value, value), _zeros(grad_target, value)
         grad = torch.zeros_like(logits)      # the gradient itself: inactive rows stay 0
         for s, e, _ in job.chunks():
             out = grad[s:e] if job.plan.index is None else torch.empty(
                 e - s, logits.shape[1], dtype=logits.dtype, device=logits.device)
             job.backend.logits_backward(job.rows(logits, s, e), job.plan.targets[s:e],
                                         value[s:e], grad_value[s:e], grad_target[s:e],
-                                        job.spec, out)
+                                        job.spec, out, **_sum_kw(grad_sum, s, e))
             if job.plan.index is not None:
                 job.put(grad, s, e, out)
         return None, grad
 
 
-def run_logits(logits2d, plan: obj.RowPlan, opts: obj.IQOptions, *, backend: str,
-               preset: Preset, chunk_size: int | None, want_metrics: bool):
-    out_dtype = logits2d.dtype
-    if preset.upcast and _low_precision(logits2d):
+def run_logits(logits2d, plan: obj.RowPlan, opts: IQOptions, *, backend: "str | Backend",
+               run: RunOptions, want_metrics: bool, logit_sum: bool = False):
+    """The IQ loss of (B*T, V) logits.  Returns (loss in the accumulation dtype,
+    per-row tensors dict)."""
+    preset = PRESETS[run.preset]
+    if preset.upcast and logits2d.dtype not in PRECISE:
         logits2d = logits2d.float()
     be = resolve_backend(backend, logits2d.device)
-    spec = LogitSpec(temperature=opts.temperature, softcap=opts.softcap,
-                     deterministic=preset.deterministic, entropy=want_metrics,
-                     argmax=want_metrics)
+    spec = _spec(opts, preset, want_metrics, logit_sum)
     V = logits2d.shape[1]
-    chunk = be.rows_per_chunk(plan.n, V, 0, logits2d.dtype, chunk_size) if plan.n else 1
+    chunk = be.rows_per_chunk(plan.n, V, 0, logits2d.dtype, run.chunk_size) if plan.n else 1
     job = _Job(be, spec, plan, opts, chunk)
-    value, q = _LogitsRowStats.apply(job, logits2d)
-    loss, r = obj.row_losses(q, value, plan, opts)
+    value, q, lsum = _LogitsRowStats.apply(job, logits2d)
+    loss, r = obj.row_losses(q, value, plan, opts, logit_sum=lsum)
     rows = dict(job.extras, value=value, target_logit=q, reward=r)
     if opts.reduction != "none":
         loss = loss.sum()
-    return _cast(loss, out_dtype), rows
-
-
-def _cast(loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return loss if loss.dtype == dtype else loss.to(dtype)
+    return loss, rows

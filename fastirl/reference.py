@@ -51,30 +51,35 @@ def iq_loss_from_logits(logits, targets, *, gamma=1.0, td_weight=0.1, temperatur
                         ignore_index=-100, reduction="mean", position_ids=None, done=None,
                         is_expert=None, divergence="chi2", softcap=None,
                         num_items_in_batch=None, value_term=None, td_rows="expert",
-                        detach_next_value=False, return_metrics=False):
+                        detach_next_value=False, lse_square_scale=0.0, label_smoothing=0.0,
+                        token_scaling=False, ce_weight=None, return_metrics=False):
     """Same options and meaning as :func:`fastirl.iq_loss_from_logits`."""
     z = logits
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    tau, lam = temperature, td_weight
+    tau, lam, eps = temperature, td_weight, label_smoothing
     m = targets != ignore_index
     a = torch.where(m, targets, torch.zeros_like(targets))
 
     V = tau * torch.logsumexp(z / tau, dim=-1)                     # soft value
     q = z.gather(-1, a.unsqueeze(-1)).squeeze(-1)                  # Q(s_t, a_t)
+    q_smooth = (1 - eps) * q + eps * z.mean(dim=-1)                # label smoothing
     d = continuation(targets, ignore_index=ignore_index, position_ids=position_ids, done=done)
     V_next = torch.zeros_like(V)
     V_next[:, :-1] = V[:, 1:]
     V_next = torch.where(d, V_next, torch.zeros_like(V_next))      # never bootstrap across d = 0
     if detach_next_value:
         V_next = V_next.detach()
-    r = q - gamma * V_next                                         # implicit reward
+    r = q_smooth - gamma * V_next                                  # implicit reward
 
     mf = m.to(z.dtype)
+    if ce_weight is not None:                                      # class weights per row
+        mf = mf * ce_weight.to(z.dtype)[a]
     expert = mf if is_expert is None else mf * is_expert.to(z.dtype)[:, None]
     mean = reduction == "mean"
-    n_all = mf.sum().clamp(min=1) if mean else 1.0
-    n_exp = expert.sum().clamp(min=1) if mean else 1.0
+    floor = 1.0 if ce_weight is None else torch.finfo(z.dtype).tiny
+    n_all = mf.sum().clamp(min=floor) if mean else 1.0
+    n_exp = expert.sum().clamp(min=floor) if mean else 1.0
     if num_items_in_batch is not None and mean:
         n_all = n_exp = torch.as_tensor(num_items_in_batch, dtype=z.dtype, device=z.device)
     online = is_expert is not None
@@ -94,15 +99,19 @@ def iq_loss_from_logits(logits, targets, *, gamma=1.0, td_weight=0.1, temperatur
     ell = (-w_e * _phi_prime(r, divergence) * r
            + w_v * (V - gamma * V_next)
            + w_0 * V
-           + lam * w_r * r ** 2)
+           + lam * w_r * r ** 2
+           + lse_square_scale * (mf / n_all) * V ** 2)              # z-loss
+    if token_scaling:                                              # DFT: times sg(p(a_t))
+        ell = ell * torch.exp((q - V) / tau).detach()
     ell = torch.where(m, ell, torch.zeros_like(ell))
     loss = ell if reduction == "none" else ell.sum()
     if not return_metrics:
         return loss
     with torch.no_grad():
         logp = torch.log_softmax(z / tau, dim=-1)
-        n = mf.sum().clamp(min=1)
-        avg = lambda x: (x * mf).sum() / n                         # noqa: E731
+        mc = m.to(z.dtype)                                         # plain counts
+        n = mc.sum().clamp(min=1)
+        avg = lambda x: (x * mc).sum() / n                         # noqa: E731
         metrics = {
             "nll": avg(-logp.gather(-1, a.unsqueeze(-1)).squeeze(-1)),
             "td_penalty": avg(r ** 2),
@@ -110,6 +119,7 @@ def iq_loss_from_logits(logits, targets, *, gamma=1.0, td_weight=0.1, temperatur
             "value": avg(V),
             "entropy": avg(-(logp.exp() * logp).sum(-1)),
             "accuracy": avg((z.argmax(-1) == targets).to(z.dtype)),
+            "z_loss": lse_square_scale * avg(V ** 2),
         }
     return loss, metrics
 

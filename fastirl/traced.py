@@ -7,7 +7,7 @@ chunked engine:
 
 * its fake implementation gives the outputs' shapes and dtypes without reading
   a value, so shape inference (FSDP meta-device initialisation) and tracing work;
-* its real implementation is the eager code path (:func:`fastirl.functional.compute`):
+* its real implementation is the eager computation (:func:`fastirl.compute.compute`):
   the value checks that need data (targets in range, ``position_ids >= 0``,
   ``num_items_in_batch > 0``, hyper-parameters given as 0-d tensors) run inside
   it, so the traced graph holds no host sync and ``fullgraph=True`` works;
@@ -17,26 +17,32 @@ chunked engine:
   ``fastirl::iq_loss_fused_backward``, recomputes the forward and backward with
   the upstream gradient.
 
+The op's schema does not list the options: they travel as one JSON string
+(those that are constants of the graph), one float64 tensor (the scalar
+hyper-parameters, so that a 0-d tensor among them stays a graph input) and a
+list of tensor options (:func:`fastirl.options.encode`).  A new option needs no
+change here.
+
 Outputs of ``iq_loss_fused`` (empty ``(0,)`` tensors where not asked for):
-loss (scalar or the targets' shape, the input dtype), rewards (targets' shape,
-float32 / float64: implicit_rewards), metrics (6,) in :data:`METRICS` order,
-and the gradients of ``main``, ``weight`` and ``bias``.
+loss (scalar or the targets' shape, float32 / float64), rewards (targets'
+shape: implicit_rewards), metrics (len(METRICS),), predicted tokens (targets'
+shape, int64), and the gradients of ``main``, ``weight`` and ``bias``.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import _validate as check
 from .backends.base import acc_dtype
-from .objective import IQOptions
+from .compute import METRICS, Call, compute
+from .options import decode, encode
 
-__all__ = ["call", "METRICS", "HYPER"]
-
-METRICS = ("nll", "td_penalty", "reward", "value", "entropy", "accuracy")
-HYPER = ("gamma", "td_weight", "temperature", "softcap")
+__all__ = ["call"]
 
 
 @contextmanager
@@ -54,41 +60,25 @@ def _autograd_inside_op():
         yield
 
 
-def _options(scalars: Tensor, kw: dict) -> IQOptions:
-    """IQOptions from the op's arguments; validates the hyper-parameters' values."""
-    *values, has_softcap = scalars.tolist()
-    values = dict(zip(HYPER, values))
-    if not has_softcap:
-        values["softcap"] = None
-    return IQOptions(ignore_index=kw["ignore_index"], reduction=kw["reduction"],
-                     divergence=kw["divergence"], value_term=kw["value_term"],
-                     td_rows=kw["td_rows"], detach_next_value=kw["detach_next_value"], **values)
-
-
-def _run(entry, main, weight, bias, targets, position_ids, done, is_expert, num_items, scalars,
-         kw: dict, grads: list[bool], upstream: Tensor | None = None):
-    """The eager computation behind both ops.  Returns (loss, rewards, metrics, grads)."""
-    from . import functional as F
-
-    opts = _options(scalars, kw)
+def _run(main, weight, bias, targets, position_ids, done, is_expert, num_items, scalars,
+         option_tensors, kw: dict, grads: list[bool], upstream: Tensor | None = None):
+    """The eager computation behind both ops: (result, gradients)."""
+    iq, run = decode(kw["static"], scalars, option_tensors)
+    if num_items is not None:
+        check.num_items(num_items)
     with _autograd_inside_op(), torch.enable_grad() if any(grads) else torch.no_grad():
         leaves = [None if t is None else t.detach().requires_grad_(g)
                   for t, g in zip((main, weight, bias), grads)]
-        loss, rows, plan, flat = F.compute(
-            "logits" if entry == "logits" else "linear", *leaves,
-            targets, position_ids, done, is_expert, num_items, opts, backend=kw["backend"],
-            preset=kw["preset"], chunk_size=kw["chunk_size"],
-            want_metrics=kw["return_metrics"])
+        call = Call(kw["entry"], leaves[0], leaves[1], leaves[2], targets, position_ids, done,
+                    is_expert, num_items, iq, run, metrics=kw["metrics"],
+                    predictions=kw["predictions"], compute_dtype=kw["compute_dtype"],
+                    vocab=kw["vocab"])
+        result = compute(call)
         wanted = [t for t, g in zip(leaves, grads) if g]
-        got = iter(torch.autograd.grad(loss, wanted, upstream, materialize_grads=True)
+        got = iter(torch.autograd.grad(result.loss, wanted, upstream, materialize_grads=True)
                    if wanted else ())
         out_grads = [next(got) if g else None for g in grads]
-    rewards = F.rewards(rows, plan, flat) if entry == "rewards" else None
-    metrics = None
-    if kw["return_metrics"]:
-        m = F.row_metrics(rows, plan, opts)
-        metrics = torch.stack([m[k] for k in METRICS])
-    return loss.detach(), rewards, metrics, out_grads
+    return result, iq, out_grads
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
@@ -104,90 +94,102 @@ def _grad_like(t: Tensor, g: Tensor) -> Tensor:
     return out.copy_(g)
 
 
-def _outputs(main, targets, kw, grads, weight, bias, loss=None, rewards=None, metrics=None,
+def _outputs(main, targets, kw, grads, weight, bias, result=None, iq=None,
              d=(None, None, None)):
-    """The op's six outputs; what is not given is allocated empty (fake mode) or as
-    a (0,) placeholder."""
+    """The op's seven outputs; allocated empty (fake mode) when there is no result."""
     acc = acc_dtype(main.dtype)
-    if kw["entry"] == "rewards":
-        loss = _empty(main)
-    elif loss is None:
-        shape = tuple(targets.shape) if kw["reduction"] == "none" else ()
-        loss = main.new_empty(shape)
-    if kw["entry"] != "rewards":
-        rewards = _empty(main, acc)
-    elif rewards is None:
-        rewards = main.new_empty(tuple(targets.shape), dtype=acc)
-    if not kw["return_metrics"]:
-        metrics = _empty(main, acc)
-    elif metrics is None:
+    lead = tuple(targets.shape)
+    loss = rewards = predicted = None
+    metrics = _empty(main, acc)
+    if result is not None:
+        loss, rewards = result.loss, None
+        if kw["entry"] == "rewards":
+            rewards = result.rewards()
+        if kw["metrics"]:
+            m = result.metrics(iq)
+            metrics = torch.stack([m[k] for k in METRICS]).to(acc)
+        if kw["predictions"]:
+            predicted = result.predictions(iq.ignore_index)
+    elif kw["metrics"]:
         metrics = main.new_empty((len(METRICS),), dtype=acc)
+    if kw["entry"] == "rewards":
+        loss = _empty(main, acc)
+        rewards = main.new_empty(lead, dtype=acc) if rewards is None else rewards
+    else:
+        loss = main.new_empty(lead if kw["reduction_none"] else (), dtype=acc) \
+            if loss is None else loss
+        rewards = _empty(main, acc)
+    if not kw["predictions"]:
+        predicted = _empty(main, torch.int64)
+    elif predicted is None:
+        predicted = main.new_empty(lead, dtype=torch.int64)
     gs = []
     for t, g, got in zip((main, weight, bias), grads, d):
         gs.append(_empty(main) if not g else
                   (torch.empty_like(t) if got is None else _grad_like(t, got)))
-    return (loss.contiguous(), rewards.contiguous(), metrics, *gs)
+    return (loss.detach().contiguous(), rewards.contiguous(), metrics, predicted.contiguous(),
+            *gs)
 
 
 @torch.library.custom_op("fastirl::iq_loss_fused", mutates_args=())
-def _fused(main: Tensor, weight: Tensor | None, bias: Tensor | None, targets: Tensor,
-           position_ids: Tensor | None, done: Tensor | None, is_expert: Tensor | None,
-           num_items: Tensor | None, scalars: Tensor, *, entry: str, ignore_index: int,
-           reduction: str, divergence: str, value_term: str | None, td_rows: str,
-           detach_next_value: bool, backend: str, preset: str, chunk_size: int | None,
-           return_metrics: bool, grads: list[bool]
-           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kw = dict(entry=entry, ignore_index=ignore_index, reduction=reduction,
-              divergence=divergence, value_term=value_term, td_rows=td_rows,
-              detach_next_value=detach_next_value, backend=backend, preset=preset,
-              chunk_size=chunk_size, return_metrics=return_metrics)
-    loss, rewards, metrics, d = _run(entry, main, weight, bias, targets, position_ids, done,
-                                     is_expert, num_items, scalars, kw, grads)
-    return _outputs(main, targets, kw, grads, weight, bias, loss, rewards, metrics, d)
+def _fused(main: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], targets: Tensor,
+           position_ids: Optional[Tensor], done: Optional[Tensor], is_expert: Optional[Tensor],
+           num_items: Optional[Tensor], scalars: Tensor, option_tensors: list[Optional[Tensor]],
+           *, entry: str, static: str, metrics: bool, predictions: bool, reduction_none: bool,
+           compute_dtype: torch.dtype, vocab: int, grads: list[bool]
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kw = dict(entry=entry, static=static, metrics=metrics, predictions=predictions,
+              reduction_none=reduction_none, compute_dtype=compute_dtype, vocab=vocab)
+    result, iq, d = _run(main, weight, bias, targets, position_ids, done, is_expert, num_items,
+                         scalars, option_tensors, kw, grads)
+    return _outputs(main, targets, kw, grads, weight, bias, result, iq, d)
 
 
 @_fused.register_fake
 def _fused_fake(main, weight, bias, targets, position_ids, done, is_expert, num_items, scalars,
-                **kw):
+                option_tensors, **kw):
     return _outputs(main, targets, kw, kw["grads"], weight, bias)
 
 
 @torch.library.custom_op("fastirl::iq_loss_fused_backward", mutates_args=())
-def _fused_backward(grad: Tensor, main: Tensor, weight: Tensor | None, bias: Tensor | None,
-                    targets: Tensor, position_ids: Tensor | None, done: Tensor | None,
-                    is_expert: Tensor | None, num_items: Tensor | None, scalars: Tensor, *,
-                    entry: str, ignore_index: int, reduction: str, divergence: str,
-                    value_term: str | None, td_rows: str, detach_next_value: bool,
-                    backend: str, preset: str, chunk_size: int | None, return_metrics: bool,
-                    grads: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    kw = dict(ignore_index=ignore_index, reduction=reduction, divergence=divergence,
-              value_term=value_term, td_rows=td_rows, detach_next_value=detach_next_value,
-              backend=backend, preset=preset, chunk_size=chunk_size, return_metrics=False)
-    *_, d = _run(entry, main, weight, bias, targets, position_ids, done, is_expert, num_items,
-                 scalars, kw, grads, upstream=grad)
+def _fused_backward(grad: Tensor, main: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    targets: Tensor, position_ids: Optional[Tensor], done: Optional[Tensor],
+                    is_expert: Optional[Tensor], num_items: Optional[Tensor], scalars: Tensor,
+                    option_tensors: list[Optional[Tensor]], *, entry: str, static: str,
+                    metrics: bool, predictions: bool, reduction_none: bool,
+                    compute_dtype: torch.dtype, vocab: int, grads: list[bool]
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    kw = dict(entry=entry, static=static, metrics=False, predictions=False,
+              compute_dtype=compute_dtype, vocab=vocab)
+    *_, d = _run(main, weight, bias, targets, position_ids, done, is_expert, num_items,
+                 scalars, option_tensors, kw, grads, upstream=grad)
     return tuple(_empty(main) if g is None else _grad_like(t, g)
                  for t, g in zip((main, weight, bias), d))
 
 
 @_fused_backward.register_fake
 def _fused_backward_fake(grad, main, weight, bias, targets, position_ids, done, is_expert,
-                         num_items, scalars, **kw):
+                         num_items, scalars, option_tensors, **kw):
     return tuple(torch.empty_like(t) if g else _empty(main)
                  for t, g in zip((main, weight, bias), kw["grads"]))
 
 
-_N_INPUTS = 9          # positional inputs of iq_loss_fused
+_N_INPUTS = 10          # positional inputs of iq_loss_fused
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     kw = dict(keyword_only_inputs)
     ctx.kw = kw
-    ctx.precomputed = kw["reduction"] != "none"
+    ctx.precomputed = not kw["reduction_none"]
+    # the gradient "of" the tensor-option list: a list where it holds a tensor, else None
+    has = any(isinstance(t, Tensor) for t in inputs[9])
+    ctx.option_grads = [None] * len(inputs[9]) if has else None
     ctx.mark_non_differentiable(*output[1:])
     if ctx.precomputed:          # gradients of the scalar loss, from the forward pass
-        ctx.save_for_backward(*output[3:])
+        ctx.save_for_backward(*output[4:])
     else:
-        ctx.save_for_backward(*inputs)
+        ctx.option_tensors = inputs[9]
+        ctx.save_for_backward(*inputs[:9])
 
 
 def _backward(ctx, grad_loss, *unused):
@@ -197,43 +199,36 @@ def _backward(ctx, grad_loss, *unused):
                for g, n in zip(ctx.saved_tensors, need)]
     else:
         kw = dict(ctx.kw, grads=need)
-        d = _fused_backward(grad_loss, *ctx.saved_tensors, **kw)
+        d = _fused_backward(grad_loss, *ctx.saved_tensors, ctx.option_tensors, **kw)
         out = [g if n else None for g, n in zip(d, need)]
-    return (*out, *([None] * (_N_INPUTS - 3)))
+    # no gradient for targets ... scalars, nor for the tensor options (a list)
+    return (*out, *([None] * (_N_INPUTS - 4)), ctx.option_grads)
 
 
 _fused.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _scalars(opts: IQOptions) -> Tensor:
-    """The four hyper-parameters and whether softcap is set, as one float64 CPU
-    tensor; 0-d tensors among them stay graph inputs, numbers become constants."""
-    values = [getattr(opts, name) for name in HYPER]
-    has_softcap = values[-1] is not None
-    values[-1] = values[-1] if has_softcap else 1.0
-    values.append(float(has_softcap))
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device="cpu").reshape(())
-                        for v in values])
-
-
-def call(entry: str, main, weight, bias, targets, position_ids, done, is_expert, num_items,
-         opts: IQOptions, *, backend: str, preset: str, chunk_size: int | None,
-         return_metrics: bool):
-    """Runs an entry point ("linear", "logits" or "rewards") through the op, after
-    the caller's type and shape checks.  Returns what the public function returns."""
+def call(c: Call):
+    """Runs a checked call through the op.  Returns what the public function returns."""
+    num_items = c.num_items
     if num_items is not None and not isinstance(num_items, Tensor):
         num_items = torch.tensor(float(num_items), dtype=torch.float64)
-    differentiable = entry != "rewards" and opts.reduction != "none" and torch.is_grad_enabled()
-    grads = [differentiable and t is not None and t.requires_grad for t in (main, weight, bias)]
-    out = _fused(main, weight, bias, targets, position_ids, done, is_expert, num_items,
-                 _scalars(opts), entry=entry, ignore_index=opts.ignore_index,
-                 reduction=opts.reduction, divergence=opts.divergence,
-                 value_term=opts.value_term, td_rows=opts.td_rows,
-                 detach_next_value=opts.detach_next_value, backend=backend, preset=preset,
-                 chunk_size=chunk_size, return_metrics=return_metrics, grads=grads)
-    loss, rewards, metrics = out[:3]
-    if entry == "rewards":
+    differentiable = (c.entry != "rewards" and c.iq.reduction != "none"
+                      and torch.is_grad_enabled())
+    grads = [differentiable and t is not None and t.requires_grad
+             for t in (c.main, c.weight, c.bias)]
+    static, scalars, option_tensors = encode(c.iq, c.run)
+    out = _fused(c.main, c.weight, c.bias, c.targets, c.position_ids, c.done, c.is_expert,
+                 num_items, scalars, option_tensors, entry=c.entry, static=static,
+                 metrics=c.metrics, predictions=c.predictions,
+                 reduction_none=c.iq.reduction == "none",
+                 compute_dtype=c.compute_dtype or c.main.dtype, vocab=c.vocab, grads=grads)
+    loss, rewards, metrics, predicted = out[:4]
+    if c.entry == "rewards":
         return rewards
-    if return_metrics:
-        return loss, dict(zip(METRICS, metrics.unbind()))
-    return loss
+    if not (c.metrics or c.predictions):
+        return loss
+    extras = dict(zip(METRICS, metrics.unbind())) if c.metrics else {}
+    if c.predictions:
+        extras["predicted"] = predicted
+    return loss, extras

@@ -16,7 +16,7 @@ import fastirl
 from fastirl import reference as ref
 from _problems import grads, make_batch
 
-METRICS = {"nll", "td_penalty", "reward", "value", "entropy", "accuracy"}
+METRICS = {"nll", "td_penalty", "reward", "value", "entropy", "accuracy", "z_loss"}
 
 
 @pytest.fixture(autouse=True)
@@ -43,24 +43,29 @@ def test_meta_tensors_give_shapes(dtype, flat):
     pos = torch.empty(lead, dtype=torch.long, device="meta")
     acc = torch.float32
     loss = fastirl.iq_loss(h, w, t, bias=b, position_ids=pos, num_items_in_batch=7)
-    assert loss.shape == () and loss.dtype == dtype and loss.device.type == "meta"
+    assert loss.shape == () and loss.dtype == acc and loss.device.type == "meta"
     loss.backward()
     assert h.grad.shape == h.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
-    loss, m = fastirl.iq_loss(h, w, t, reduction="none", return_metrics=True,
+    loss, m = fastirl.iq_loss(h, w, t, position_ids=pos, return_metrics=True,
                               num_items_in_batch=torch.empty((), device="meta"))
-    assert loss.shape == lead and loss.dtype == dtype
+    assert loss.shape == () and loss.dtype == acc
+    assert set(m) == METRICS and all(v.shape == () and v.dtype == acc for v in m.values())
+    loss, m = fastirl.iq_loss(h, w, t, position_ids=pos, reduction="none", return_metrics=True,
+                              return_predictions=True)
+    assert loss.shape == lead and loss.dtype == acc
+    assert m.pop("predicted").shape == lead
     assert set(m) == METRICS and all(v.shape == () and v.dtype == acc for v in m.values())
     loss.sum().backward()
     assert w.grad.shape == w.shape
-    r = fastirl.implicit_rewards(h, w, t, bias=b)
+    r = fastirl.implicit_rewards(h, w, t, bias=b, position_ids=pos)
     assert r.shape == lead and r.dtype == acc and not r.requires_grad
     logits = _meta(*lead, 11, dtype=dtype, grad=True)
-    loss = fastirl.iq_loss_from_logits(logits, t, td_weight=torch.tensor(0.5))
-    assert loss.shape == () and loss.dtype == dtype
+    loss = fastirl.iq_loss_from_logits(logits, t, td_weight=torch.tensor(0.5), position_ids=pos)
+    assert loss.shape == () and loss.dtype == acc
     loss.backward()
     assert logits.grad.shape == logits.shape
-    assert fastirl.LinearIQLoss(gamma=0.9)(h, w, t).shape == ()
-    assert fastirl.IQLoss(reduction="none")(logits, t).shape == lead
+    assert fastirl.LinearIQLoss(gamma=0.9)(h, w, t, position_ids=pos).shape == ()
+    assert fastirl.IQLoss(reduction="none")(logits, t, position_ids=pos).shape == lead
 
 
 def test_meta_tensors_still_get_shape_and_type_checks():

@@ -149,8 +149,9 @@ def make_case(name: str) -> dict:
         done = torch.zeros(B, T, dtype=torch.bool)
         done[0, 4] = done[2, 6] = True
         opts["done"] = done
-    if spec.get("flat"):
+    if spec.get("flat"):           # (N, H) rows read as one sequence: said explicitly
         hidden, targets = hidden.reshape(B * T, H), targets.reshape(B * T)
+        opts["position_ids"] = torch.arange(B * T)
     upstream = None
     if opts.get("reduction") == "none":
         upstream = torch.randn(targets.shape, generator=g, dtype=torch.float64)
@@ -527,7 +528,8 @@ def test_vocab_parallel_matches_single_process(launch, name):
     flat = case["targets"].dim() == 1          # the reference takes (B, T) batches only
     if flat:
         ref_case.update(hidden=ref_case["hidden"].unsqueeze(0),
-                        targets=case["targets"].unsqueeze(0))
+                        targets=case["targets"].unsqueeze(0),
+                        opts=dict(case["opts"], position_ids=case["opts"]["position_ids"][None]))
     ref = _run_loss(ref_case, case["weight"].double(),
                     None if case["bias"] is None else case["bias"].double(),
                     lambda *a, **k: reference.iq_loss(

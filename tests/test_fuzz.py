@@ -53,7 +53,7 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # the results round to the input dtype).
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 LAYOUTS = ("contiguous", "strided", "offset", "expanded", "transposed")
-METRICS = ("nll", "td_penalty", "reward", "value", "entropy", "accuracy")
+METRICS = ("nll", "td_penalty", "reward", "value", "entropy", "accuracy", "z_loss")
 
 
 # ------------------------------------------------------------------ cases
@@ -91,11 +91,22 @@ def cases(draw, targets=tuple(TARGETS), tiny=False):
         num_items=draw(st.sampled_from((None, None, 5, 2.5, "tensor"))),
         chunk_size=draw(st.sampled_from((None, 1, 2, 3, 64))),
         preset=draw(st.sampled_from(tuple(fastirl.PRESETS))),
-        metrics=draw(st.booleans()), upstream=draw(st.sampled_from((1.0, -1.7))),
+        lse_square_scale=draw(st.sampled_from((0.0, 0.0, 0.3))),
+        label_smoothing=draw(st.sampled_from((0.0, 0.0, 0.0))),  # TEMP until logit_sum lands
+        token_scaling=draw(st.booleans()),
+        ce_weight=draw(st.sampled_from((False, False, True))),
+        metrics=draw(st.booleans()), predictions=draw(st.booleans()),
+        upstream=draw(st.sampled_from((1.0, -1.7))),
         meta=draw(st.booleans()),
+        # flat rows: say they are one sequence (position_ids = arange), or say nothing
+        one_sequence=draw(st.booleans()),
     )
     if case["flat"]:
         case["B"] = 1
+    if case["ce_weight"]:
+        case["label_smoothing"] = 0.0        # not supported together (a clear error)
+    if case["reduction"] != "mean":
+        case["num_items"] = None             # replaces mean's normaliser only (else an error)
     low_precision = case["dtype"] in (torch.bfloat16, torch.float16)
     if low_precision and case["divergence"] in ("hellinger", "js"):
         # phi' of these has a pole (r = -1, r = -log 2): the rounding of low-precision
@@ -148,6 +159,8 @@ def build(case):
     pos = None
     if case["packed"]:
         pos = torch.randint(0, 3, lead, generator=g)
+    elif case["flat"] and case["one_sequence"]:
+        pos = torch.arange(T)
     done = torch.rand(lead, generator=g) < 0.3 if case["done"] else None
     is_expert = None
     if case["online"]:
@@ -193,7 +206,14 @@ def options(case):
         hyper["td_weight"] = case["td_weight"]
         common.update(divergence=case["divergence"], reduction=case["reduction"],
                       value_term=case["value_term"], td_rows=case["td_rows"],
-                      detach_next_value=case["detach_next_value"])
+                      detach_next_value=case["detach_next_value"],
+                      lse_square_scale=case["lse_square_scale"],
+                      label_smoothing=case["label_smoothing"],
+                      token_scaling=case["token_scaling"])
+        if case["ce_weight"]:
+            g = torch.Generator().manual_seed(case["seed"] + 2)
+            common["ce_weight"] = (torch.rand(case["V"], generator=g, dtype=torch.float64)
+                                   + 0.25).to(case["device"])
         n = case["num_items"]
         if n is not None:
             common["num_items_in_batch"] = torch.tensor(7) if n == "tensor" else n
@@ -204,7 +224,26 @@ def options(case):
                    chunk_size=case["chunk_size"])
     if entry != "implicit_rewards":
         fast_kw["return_metrics"] = case["metrics"]
+        fast_kw["return_predictions"] = case["predictions"]
     return fast_kw, ref_kw
+
+
+def couples(case) -> bool:
+    """Whether a row's result reads the next row's value (docs/objective.md): then
+    flattened rows must say where sequences end."""
+    if case["gamma"] == 0.0:
+        return False
+    if case["entry"] == "implicit_rewards":
+        return True
+    term = case["value_term"] or ("value" if case["online"] else "value_expert")
+    return (case["td_weight"] != 0.0 or case["divergence"] not in ("chi2", "total_variation")
+            or term == "v0" or (term == "value" and case["online"]))
+
+
+def unstructured_flat(case) -> bool:
+    """Flattened rows, more than one, with nothing saying where sequences end."""
+    return (case["flat"] and case["T"] > 1 and not case["packed"] and not case["one_sequence"]
+            and not case["done"])
 
 
 _PER_BATCH = ("bias", "position_ids", "done", "is_expert", "num_items_in_batch")
@@ -260,17 +299,26 @@ def close(got, want, dtype, what):
 def check_valid(case):
     fast_t, ref_t, leaves = build(case)
     fast_kw, ref_kw = options(case)
+    if unstructured_flat(case) and couples(case):
+        # reading the rows as one sequence would be a guess: a clear error instead
+        with pytest.raises(ValueError, match="flattened"):
+            call_fastirl(case["entry"], fast_t, fast_kw)
+        return
     out = call_fastirl(case["entry"], fast_t, fast_kw)
     loss, metrics = out if isinstance(out, tuple) else (out, None)
     want, want_metrics = call_reference(case, ref_t, ref_kw)
     dtype = case["dtype"]
-    loss_dtype = torch.float64 if dtype == torch.float64 else (
-        torch.float32 if case["entry"] == "implicit_rewards" else dtype)
+    # every output in the accumulation dtype (float32; float64 for float64 inputs)
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.dtype == loss_dtype and loss.shape == want.shape, (loss.dtype, loss.shape)
     close(loss, want, dtype, "loss")
     if metrics is not None:
-        assert set(metrics) == set(METRICS)
-        for k in METRICS:
+        predicted = metrics.pop("predicted", None)
+        assert (predicted is not None) == bool(case.get("predictions"))
+        if predicted is not None:
+            check_predictions(case, ref_t, predicted)
+        assert set(metrics) == (set(METRICS) if case["metrics"] else set())
+        for k in metrics:
             assert metrics[k].shape == () and not metrics[k].requires_grad
             # accuracy compares argmaxes: rounding may flip near-ties in low precision
             if k != "accuracy" or dtype in (torch.float64, torch.float32):
@@ -291,15 +339,33 @@ def check_valid(case):
         check_meta(case, fast_t, fast_kw, loss, metrics)
 
 
+def check_predictions(case, ref_t, predicted):
+    """argmax of the reference logits on action rows, ignore_index elsewhere."""
+    main = ref_t["main"]
+    if case["entry"] in ("iq_loss", "LinearIQLoss"):
+        main = torch.nn.functional.linear(main, ref_t["weight"], ref_t.get("bias"))
+    if case["softcap"] is not None:
+        main = case["softcap"] * torch.tanh(main / case["softcap"])
+    want = torch.where(ref_t["targets"] != case["ignore_index"], main.argmax(-1),
+                       case["ignore_index"])
+    assert predicted.shape == want.shape and predicted.dtype == torch.int64
+    if case["dtype"] in (torch.float64, torch.float32):   # low precision may flip near-ties
+        ok = (predicted == want) | (ref_t["targets"] == case["ignore_index"])
+        assert bool(ok.all()), (predicted, want)
+
+
 def check_meta(case, fast_t, fast_kw, loss, metrics):
     """The same call on meta tensors: same shapes and dtypes, no value read."""
     meta = {k: (v.detach().to("meta").requires_grad_(v.requires_grad) if v.is_floating_point()
                 else v.to("meta")) for k, v in fast_t.items()}
     kw = dict(fast_kw)
-    if isinstance(kw.get("num_items_in_batch"), torch.Tensor):
-        kw["num_items_in_batch"] = kw["num_items_in_batch"].to("meta")
+    for k in ("num_items_in_batch", "ce_weight"):
+        if isinstance(kw.get(k), torch.Tensor):
+            kw[k] = kw[k].to("meta")
     out = call_fastirl(case["entry"], meta, kw)
     m_loss, m_metrics = out if isinstance(out, tuple) else (out, None)
+    if m_metrics is not None and "predicted" in m_metrics:
+        assert m_metrics.pop("predicted").shape == loss.shape[:0] + fast_t["targets"].shape
     assert m_loss.device.type == "meta"
     assert (m_loss.shape, m_loss.dtype) == (loss.shape, loss.dtype)
     if metrics is not None:
@@ -321,7 +387,7 @@ def _set(key, value):
 
 
 def _bad_target(case, t):
-    bad = t["targets"].clone()
+    bad = t["targets"].contiguous().clone()
     bad.view(-1)[0] = case["V"] if case["ignore_index"] != case["V"] else -7
     return bad
 
@@ -357,7 +423,7 @@ MUTATIONS = [
     ("backend", ValueError, _set("backend", "tpu"), None),
     ("preset", ValueError, _set("preset", "turbo"), None),
     ("chunk_size", ValueError, _set("chunk_size", 0), None),
-    ("chunk_size", ValueError, _set("chunk_size", 2.5), None),
+    ("chunk_size", TypeError, _set("chunk_size", 2.5), None),
     ("unknown_option", TypeError, _set("unknown_option", 1), None),
 ]
 LOSS_MUTATIONS = [
@@ -371,6 +437,16 @@ LOSS_MUTATIONS = [
     ("num_items_in_batch", ValueError, _set("num_items_in_batch", torch.tensor(-3.0)), None),
     ("num_items_in_batch", ValueError, _set("num_items_in_batch", torch.ones(2)), None),
     ("num_items_in_batch", TypeError, _set("num_items_in_batch", "7"), None),
+    ("num_items_in_batch", ValueError, lambda c, t, kw: kw.update(num_items_in_batch=3,
+                                                                  reduction="sum"), None),
+    ("lse_square_scale", ValueError, _set("lse_square_scale", -1.0), None),
+    ("label_smoothing", ValueError, _set("label_smoothing", 1.5), None),
+    ("label_smoothing", ValueError, lambda c, t, kw: kw.update(
+        label_smoothing=0.1, ce_weight=torch.ones(c["V"])), None),
+    ("token_scaling", TypeError, _set("token_scaling", "yes"), None),
+    ("ce_weight", ValueError, _set("ce_weight", lambda c, t: torch.ones(c["V"] + 1)), None),
+    ("ce_weight", TypeError, _set("ce_weight", lambda c, t: torch.ones(c["V"], dtype=torch.long)),
+     None),
     ("is_expert", ValueError,
      _set("is_expert", lambda c, t: torch.ones(t["targets"].shape[0] + 2, dtype=torch.bool)),
      None),
@@ -467,7 +543,8 @@ _BASE = dict(entry="iq_loss", device="cpu", backend="torch", path="eager", B=1, 
              temperature=1.0, softcap=None, as_tensors=False, divergence="chi2",
              reduction="mean", value_term=None, td_rows="expert", detach_next_value=False,
              num_items=None, chunk_size=None, preset="default", metrics=False, upstream=1.0,
-             meta=False)
+             meta=False, lse_square_scale=0.0, label_smoothing=0.0, token_scaling=False,
+             ce_weight=False, predictions=False, one_sequence=True)
 
 
 def _found(**kw):

@@ -89,13 +89,31 @@ def test_odd_shapes(shape):
     _check(p, {"td_weight": 0.5, "gamma": 0.9}, chunk_size=3)
 
 
-def test_two_dimensional_inputs_are_one_sequence():
-    p = make_batch(1, 10, 6, 13)
-    h, t = p["hidden"][0], p["targets"][0]
-    flat = fastirl.iq_loss(h, p["weight"], t, reduction="none")
+def test_flattened_rows_need_their_sequences_when_rows_couple():
+    """(N, H) input cannot silently bootstrap across sequences: with a TD term it
+    needs position_ids (or done); cross-entropy reads rows on their own."""
+    p = make_batch(2, 10, 6, 13)
+    h, t = p["hidden"].flatten(0, 1), p["targets"].flatten()
+    with pytest.raises(ValueError, match=r"(?s)flattened \(N,\) targets with td_weight > 0.*"
+                                         r"position_ids"):
+        fastirl.iq_loss(h, p["weight"], t)
+    for bad in (dict(divergence="kl", td_weight=0.0), dict(value_term="v0", td_weight=0.0)):
+        with pytest.raises(ValueError, match="flattened"):
+            fastirl.iq_loss(h, p["weight"], t, **bad)
+    with pytest.raises(ValueError, match="implicit rewards"):
+        fastirl.implicit_rewards(h, p["weight"], t)
+    pos = torch.arange(10).repeat(2)
+    flat = fastirl.iq_loss(h, p["weight"], t, position_ids=pos, reduction="none")
     batched = fastirl.iq_loss(p["hidden"], p["weight"], p["targets"], reduction="none")
-    assert flat.shape == (10,)
-    torch.testing.assert_close(flat, batched[0])
+    assert flat.shape == (20,)
+    torch.testing.assert_close(flat, batched.flatten())
+    one = fastirl.iq_loss(p["hidden"][0], p["weight"], p["targets"][0],
+                          position_ids=torch.arange(10), reduction="none")
+    torch.testing.assert_close(one, batched[0])
+    ce = fastirl.iq_loss(h, p["weight"], t, td_weight=0.0)          # no coupling: no error
+    torch.testing.assert_close(ce, fastirl.iq_loss(p["hidden"], p["weight"], p["targets"],
+                                                   td_weight=0.0))
+    assert fastirl.iq_loss(h, p["weight"], t, gamma=0.0).isfinite()  # gamma = 0: no coupling
 
 
 def test_packed_sequences_do_not_bootstrap_across_boundaries():
@@ -156,7 +174,7 @@ def test_metrics_match_reference(name):
     want_loss, want = ref.iq_loss(p["hidden"], p["weight"], p["targets"], return_metrics=True,
                                   **opts)
     torch.testing.assert_close(got_loss, want_loss)
-    assert set(got) == {"nll", "td_penalty", "reward", "value", "entropy", "accuracy"}
+    assert set(got) == {"nll", "td_penalty", "reward", "value", "entropy", "accuracy", "z_loss"}
     for k in want:
         torch.testing.assert_close(got[k], want[k], msg=k)
         assert not got[k].requires_grad

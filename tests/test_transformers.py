@@ -189,7 +189,7 @@ def test_options_update_and_validation():
     plain = unapply_fastirl(copy.deepcopy(model))
     torch.testing.assert_close(model(**b).loss.double(), reference_loss(plain, b, **OPTIONS),
                                rtol=1e-5, atol=1e-6)
-    with pytest.raises(TypeError, match="unknown fastirl option"):
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
         apply_fastirl(model, lambda_=0.1)
     with pytest.raises(ValueError, match="gamma"):
         apply_fastirl(model, gamma=2.0)
@@ -239,8 +239,8 @@ def test_bf16_autocast_and_mixed_dtypes():
     want = model(**b).loss.detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**b).loss
-    assert loss.dtype == torch.bfloat16
-    loss.float().backward()
+    assert loss.dtype == torch.float32          # bf16 GEMMs, the loss accumulated in float32
+    loss.backward()
     assert model.lm_head.weight.grad.dtype == torch.float32
     assert torch.isfinite(model.lm_head.weight.grad).all()
     torch.testing.assert_close(loss.float(), want, rtol=3e-2, atol=3e-2)

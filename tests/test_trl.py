@@ -50,7 +50,7 @@ def spy(monkeypatch):
 
     def record(hidden, weight, targets, **kwargs):
         out = real(hidden, weight, targets, **kwargs)
-        calls.append(dict(targets=targets.clone(), out=out, **kwargs))
+        calls.append(dict(targets=targets.clone(), out=out, hidden_dtype=hidden.dtype, **kwargs))
         return out
 
     monkeypatch.setattr(fastirl, "iq_loss", record)
@@ -228,8 +228,10 @@ def test_another_patch_over_the_forward_raises_and_names_it():
 def test_iqconfig_rejects_trl_losses(tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         iq_config(tmp_path, loss_type="dft")
+    # TrainingArguments' label smoothing is the loss's (label-smoothed CE at td_weight=0)
+    assert iq_config(tmp_path, label_smoothing_factor=0.1).loss_options()["label_smoothing"] == 0.1
     with pytest.raises(ValueError, match="label_smoothing"):
-        iq_config(tmp_path, label_smoothing_factor=0.1)
+        iq_config(tmp_path, label_smoothing=1.5)
     with pytest.raises(ValueError, match="td_weight_warmup_steps"):
         iq_config(tmp_path, td_weight_warmup_steps=-1)
     with pytest.raises(TypeError, match="IQConfig"):
@@ -364,7 +366,9 @@ def test_model_from_a_path_with_model_init_kwargs(tmp_path, spy):
     trainer = IQTrainer(str(path), args=args, train_dataset=train)
     assert trainer.model.dtype == torch.bfloat16 and is_fastirl_applied(trainer.model)
     trainer.train()
-    assert spy and spy[0]["out"][0].dtype == torch.bfloat16
+    # a bf16 model: bf16 GEMMs, the loss in float32 (the accumulation dtype)
+    assert spy and spy[0]["hidden_dtype"] == torch.bfloat16
+    assert spy[0]["out"][0].dtype == torch.float32
 
 
 def test_is_expert_and_done_columns_reach_the_loss(tmp_path, spy):

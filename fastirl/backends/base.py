@@ -53,6 +53,7 @@ class LogitSpec:
     deterministic: bool = True
     entropy: bool = False
     argmax: bool = False
+    logit_sum: bool = False
 
 
 @dataclass
@@ -71,6 +72,7 @@ class RowStats:
     entropy: torch.Tensor | None = None
     argmax: torch.Tensor | None = None
     max_logit: torch.Tensor | None = None
+    logit_sum: torch.Tensor | None = None
 
 
 class Backend(Protocol):

@@ -2,57 +2,75 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from fastirl.objective import DIVERGENCES, TD_ROWS, VALUE_TERMS, IQOptions
+from fastirl import options as fo
 
 __all__ = ["IQConfig"]
 
 
+def _field_type(opt: fo.Option):
+    """A type HfArgumentParser parses: numbers that may be tensors become floats,
+    byte budgets (memory) a string; choices stay Literals."""
+    optional = fo._allows(opt.type, type(None))
+    if opt.choices and fo._allows(opt.type, int):
+        tp = str                        # "balanced" or a byte count, converted in loss_options
+    elif opt.choices:
+        tp = typing.Literal[opt.choices]
+    elif opt.scalar or fo._allows(opt.type, float):
+        tp = float
+    elif fo._allows(opt.type, bool):
+        tp = bool
+    elif fo._allows(opt.type, int):
+        tp = int
+    else:
+        tp = str
+    return typing.Optional[tp] if optional else tp
+
+
+# name of the IQConfig field -> the loss option it sets
+CONFIG_FIELDS = {(o.spec.config or o.name): o.name for o in
+                 (fo.OPTIONS[n] for n in fo.names(fo.ModuleOptions))
+                 if o.spec.config is not None}
+
+
+def _loss_fields(cls):
+    """Adds one dataclass field per loss option of the declaration (before
+    ``@dataclass`` reads the class)."""
+    for field_name, name in CONFIG_FIELDS.items():
+        opt = fo.OPTIONS[name]
+        meta = {"help": opt.spec.doc}
+        if opt.choices:
+            meta["choices"] = list(opt.choices)
+        cls.__annotations__[field_name] = _field_type(opt)
+        setattr(cls, field_name, field(default=opt.default, metadata=meta))
+    return cls
+
+
 @dataclass
+@_loss_fields
 class IQConfig(SFTConfig):
     r"""Training arguments of :class:`IQTrainer`: every field of TRL's ``SFTConfig``
     (datasets, chat templates, ``completion_only_loss``, ``assistant_only_loss``,
     ``packing``, ``padding_free``, ``model_init_kwargs``, and all of
-    ``transformers.TrainingArguments``) plus the IQ-Learn loss options (the
-    objective is described in ``docs/objective.md``).
+    ``transformers.TrainingArguments``) plus every option of the loss (one field
+    per option of :mod:`fastirl.options`: gamma, td_weight, temperature,
+    divergence, ..., and ``loss_backend``, ``loss_preset``, ``loss_chunk_size``,
+    ``loss_memory`` for the run options; the objective is described in
+    docs/objective.md).
 
     With ``td_weight=0`` and ``temperature=1`` the loss is the usual token
-    cross-entropy (MLE).  ``online_mix > 0`` switches to online IQ-Learn: every
+    cross-entropy (MLE); ``label_smoothing_factor`` (TrainingArguments') sets
+    ``label_smoothing``.  ``online_mix > 0`` switches to online IQ-Learn: every
     ``online_every`` optimizer steps completions are sampled from the current
     policy for the batch's prompts and mixed in as non-expert sequences.
     ``loss_type`` must stay TRL's NLL (the IQ loss replaces it).
     """
 
-    # ---- objective
-    gamma: float = field(default=1.0, metadata={"help": "Discount of the next-state value, in [0, 1]."})
-    td_weight: float = field(
-        default=0.1,
-        metadata={"help": "Weight lambda >= 0 of the TD regulariser r^2 (chi^2 divergence; "
-                          "lambda = 1/(4 alpha) in IQ-Learn's notation). 0 gives MLE."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Soft-value temperature tau > 0: V = tau logsumexp(z / tau); "
-                                       "the policy is softmax(z / tau)."})
-    divergence: str = field(
-        default="chi2", metadata={"help": "Divergence of the reward term.",
-                                  "choices": list(DIVERGENCES)})
-    value_term: str | None = field(
-        default=None,
-        metadata={"help": "Value term: 'value_expert' (offline default), 'value' (online default: "
-                          "over expert and sampled rows) or 'v0'.",
-                  "choices": list(VALUE_TERMS)})
-    td_rows: str = field(
-        default="expert",
-        metadata={"help": "Rows of the TD regulariser: 'expert' (IQ-Learn 'chi') or 'all' "
-                          "('regularize', online).", "choices": list(TD_ROWS)})
-    detach_next_value: bool = field(
-        default=False, metadata={"help": "Stop the gradient through V(s_{t+1}) (a target value)."})
-    softcap: float | None = field(
-        default=None,
-        metadata={"help": "Final logit soft-cap c: z <- c tanh(z / c). Default: the model "
-                          "config's final_logit_softcapping (Gemma 2), else none."})
+    # ---- training schedule of the loss
     td_weight_warmup_steps: int = field(
         default=0,
         metadata={"help": "Raise the TD weight linearly from 0 to `td_weight` over this many "
@@ -62,12 +80,6 @@ class IQConfig(SFTConfig):
         default=True,
         metadata={"help": "Compute the loss fused with the LM head (no logits). False builds the "
                           "logits and uses the naive reference loss (debugging, benchmarks)."})
-    loss_backend: str = field(
-        default="auto", metadata={"help": "fastirl backend: 'auto', 'torch', 'triton', 'cpu', 'cuda'."})
-    loss_preset: str = field(
-        default="default", metadata={"help": "fastirl precision preset: 'default', 'fast', 'highest'."})
-    loss_chunk_size: int | None = field(
-        default=None, metadata={"help": "Rows per fastirl chunk (default: from a memory budget)."})
     eval_logits: bool = field(
         default=False,
         metadata={"help": "Return the (tokens x vocab) logits from evaluation and prediction, for "
@@ -97,9 +109,9 @@ class IQConfig(SFTConfig):
                           "are the tokens before the first label, at least this many (default 1)."})
 
     def __post_init__(self):
-        IQOptions(gamma=self.gamma, td_weight=self.td_weight, temperature=self.temperature,
-                  divergence=self.divergence, softcap=self.softcap, value_term=self.value_term,
-                  td_rows=self.td_rows, detach_next_value=self.detach_next_value)
+        if self.label_smoothing_factor and not self.label_smoothing:
+            self.label_smoothing = self.label_smoothing_factor
+        fo.module_options(self.loss_options(), "IQConfig")       # every loss option, validated
         if self.online_mix < 0:
             raise ValueError(f"online_mix must be >= 0, got {self.online_mix}")
         if self.online_every < 1:
@@ -116,17 +128,10 @@ class IQConfig(SFTConfig):
             raise ValueError(f"loss_type={self.loss_type!r} selects one of TRL's own losses; IQConfig "
                              f"trains the IQ-Learn loss (td_weight=0 is the NLL). Leave loss_type at "
                              f"'nll'.")
-        if self.label_smoothing_factor:
-            raise ValueError("label_smoothing_factor is not supported by the IQ-Learn loss; set it "
-                             "to 0")
 
     def loss_options(self) -> dict:
         """Options for :func:`apply_fastirl` / :func:`fastirl.iq_loss`."""
-        options = dict(gamma=self.gamma, td_weight=self.td_weight, temperature=self.temperature,
-                       divergence=self.divergence, value_term=self.value_term,
-                       td_rows=self.td_rows, detach_next_value=self.detach_next_value,
-                       backend=self.loss_backend, preset=self.loss_preset,
-                       chunk_size=self.loss_chunk_size)
-        if self.softcap is not None:
-            options["softcap"] = self.softcap
-        return options
+        out = {name: getattr(self, f) for f, name in CONFIG_FIELDS.items()}
+        if isinstance(out.get("memory"), str) and out["memory"].isdigit():
+            out["memory"] = int(out["memory"])          # a byte budget from the command line
+        return out

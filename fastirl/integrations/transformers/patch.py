@@ -44,7 +44,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fastirl as _fastirl
 from fastirl import reference as _reference
-from fastirl.objective import IQOptions
+from fastirl import options as _options
 
 __all__ = ["apply_fastirl", "unapply_fastirl", "is_fastirl_applied", "extract_rewards",
            "global_num_items", "IQCausalLMOutput", "LOSS_OPTIONS", "shift_labels"]
@@ -52,9 +52,8 @@ __all__ = ["apply_fastirl", "unapply_fastirl", "is_fastirl_applied", "extract_re
 _STATE = "_fastirl_state"
 
 # Options of fastirl.iq_loss that apply_fastirl stores on the model.
-LOSS_OPTIONS = ("gamma", "td_weight", "temperature", "ignore_index", "divergence", "softcap",
-                "value_term", "td_rows", "detach_next_value", "backend", "preset", "chunk_size")
-_OBJECTIVE_OPTIONS = tuple(IQOptions.__dataclass_fields__)
+LOSS_OPTIONS = _options.names(_options.ModuleOptions)
+_OBJECTIVE_OPTIONS = _options.OBJECTIVE_NAMES
 
 # transformers >= 5.x names the output's KV cache `cache` (`past_key_values` before).
 _CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
@@ -610,10 +609,7 @@ def _remove_guard(model: nn.Module) -> None:
 
 
 def _check_options(options: dict) -> dict:
-    unknown = sorted(set(options) - set(LOSS_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown fastirl option(s) {unknown}; expected some of {LOSS_OPTIONS}")
-    IQOptions(**_metric_options(options))            # validates values eagerly
+    _options.module_options(options, "apply_fastirl()")      # validates values eagerly
     return options
 
 
