@@ -119,7 +119,8 @@ FIGURES: list[Figure] = [
            QWEN_HEAD, 3.50, role="fit", note="fits bandwidth"),
     Figure("TRL: entropy_from_logits", TRL_URL, "h100", "trl-entropy", QWEN_HEAD, 9.33),
     Figure("TRL: materialised-logits CE fwd+bwd", TRL_URL, "h100", "naive-ce", QWEN_HEAD, 59),
-    Figure("TRL: Liger FLCE fwd+bwd", TRL_URL, "h100", "liger", QWEN_HEAD, 192),
+    Figure("TRL: Liger FLCE fwd+bwd", TRL_URL, "h100", "liger-2026", QWEN_HEAD, 192,
+           note="Liger of Sept 2026 (bf16 dW through a float32 temporary)"),
     Figure("TRL: chunked_nll (chunk 256) fwd+bwd", TRL_URL, "h100", "trl-chunked-nll",
            QWEN_HEAD, 167),
     # --- H200, measured on the lent machine

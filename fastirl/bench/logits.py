@@ -119,21 +119,28 @@ def _lm_parts(n: int, hidden: int, vocab: int, g: torch.Generator, p: LMParams =
     bulk = torch.randn(n, d, generator=g) * math.sqrt(max(p.sigma ** 2 - leak,
                                                           0.25 * p.sigma ** 2))
     # boost token t by s: add s * dir_t / |dir_t|^2 (other logits move by ~s / sqrt(H))
-    sel = dirs[picks]                                   # (n, k, d)
-    norm2 = (sel * sel).sum(-1, keepdim=True).clamp_min(1e-6)
-    ctx = bulk + (strength[..., None] * sel / norm2).sum(1)
+    ctx = bulk
+    for j in range(k):
+        sel = dirs[picks[:, j]]                         # (n, d)
+        norm2 = (sel * sel).sum(-1, keepdim=True).clamp_min(1e-6)
+        ctx = ctx + strength[:, j:j + 1] * sel / norm2
     x = torch.cat([torch.ones(n, 1), ctx], 1)
     return x, w
 
 
 def _targets_from(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=g).squeeze(1)
+    """One draw per row from the row's softmax (Gumbel-max; ``g`` is a
+    generator on the logits' device)."""
+    u = torch.rand(logits.shape, generator=g, device=logits.device).clamp_(1e-20, 1.0)
+    return (logits.float() - torch.log(-torch.log(u))).argmax(-1).cpu()
 
 
 def make_inputs(kind: str, *, tokens: int, hidden: int, vocab: int, seed: int = 0,
-                chunk: int = 2048):
+                chunk: int = 1024, device: str | torch.device = "cpu"):
     """(x (tokens, hidden), W (vocab, hidden), targets (tokens,)) as float32 CPU
-    tensors of input kind ``kind`` ("lm" or "random")."""
+    tensors of input kind ``kind`` ("lm" or "random").  The random draws are
+    made on the CPU (the same inputs on every device); ``device`` only runs
+    the "lm" targets' logits GEMMs (a GPU makes them instant)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "random":
         x = torch.randn(tokens, hidden, generator=g)
@@ -144,9 +151,11 @@ def make_inputs(kind: str, *, tokens: int, hidden: int, vocab: int, seed: int = 
         raise ValueError(f"input kind must be one of {KINDS}, got {kind!r}")
     x, w = _lm_parts(tokens, hidden, vocab, g)
     t = torch.empty(tokens, dtype=torch.long)
+    wd = w.to(device)
+    gd = torch.Generator(device=wd.device).manual_seed(seed + 1)
     for r0 in range(0, tokens, chunk):       # targets from each row's own softmax
         r1 = min(tokens, r0 + chunk)
-        t[r0:r1] = _targets_from(x[r0:r1] @ w.t(), g)
+        t[r0:r1] = _targets_from(x[r0:r1].to(device) @ wd.t(), gd)
     return x, w, t
 
 

@@ -3,8 +3,11 @@
 Each model lists the launches the peer's published code makes at a shape
 (N tokens, hidden H, vocabulary V), from the code itself:
 
-* ``liger``: Liger-Kernel's fused linear cross-entropy as of 2026
-  (``src/liger_kernel/ops/fused_linear_cross_entropy.py``): chunks of
+* ``liger``: Liger-Kernel 0.8.5 (the wheel gpu_check carries): like
+  ``liger-2026`` but dW accumulated by a bf16 ``addmm(out=grad_weight)``.
+* ``liger-2026``: Liger-Kernel's fused linear cross-entropy as of Aug-Sep 2026
+  (``src/liger_kernel/ops/fused_linear_cross_entropy.py``, what
+  huggingface/trl#7244 measured): chunks of
   ``next_pow2(ceil(N / ceil(V / H)))`` rows (256 at the 8B head); per chunk the
   logits GEMM, the cross-entropy kernel in place on the bf16 block (two reads,
   one write), the dx GEMM (copied into ``grad_input``), and with a bf16
@@ -239,6 +242,24 @@ def LIGER_CHUNK_ROWS(tokens: int, vocab: int, hidden: int) -> int:
 
 
 def liger(s: Shape, hw, opts: Options, *, softcap: bool = False):
+    """Liger-Kernel 0.8.5: as ``liger-2026`` but dW accumulated by a bf16
+    ``addmm(out=grad_weight)`` (no float32 temporary) and dx written by
+    ``mm(out=)`` into ``grad_input``."""
+    N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
+    rows = LIGER_CHUNK_ROWS(N, V, H)
+    ops: list[Op] = [elementwise("zero_fill", V * H + N * H, isz, 0.0, launches=3)]
+    for r0 in range(0, N, rows):
+        c = min(rows, N - r0)
+        ops += [gemm("gemm_logits", c, V, H, s.dtype),
+                elementwise("ce_kernel", c * V, 3 * isz, 24.0 + (16 if softcap else 0)),
+                gemm("gemm_dx", c, H, V, s.dtype),
+                gemm("gemm_dw", V, H, c, s.dtype, accumulate=True),  # bf16 addmm into dW
+                small_launches("loss_slices", 3)]
+    peak = rows * V * isz + V * H * isz + N * H * isz
+    return ops, peak, f"{math.ceil(N / rows)} chunks of {rows} rows (dW in {s.dtype})", "CE"
+
+
+def liger_2026(s: Shape, hw, opts: Options, *, softcap: bool = False):
     N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
     rows = LIGER_CHUNK_ROWS(N, V, H)
     ops: list[Op] = [elementwise("zero_fill", V * H + N * H, isz, 0.0, launches=3)]
@@ -362,7 +383,7 @@ PEERS = {
     "naive": naive_iq, "naive-ce": naive_ce, "torch-compile-ce": torch_compile_ce,
     "torchtune-ce": torchtune_ce, "trl-chunked-nll": trl_chunked_nll,
     "trl-selective-log-softmax": trl_selective_log_softmax, "trl-entropy": trl_entropy,
-    "liger": liger, "liger-2024": liger_2024,
+    "liger": liger, "liger-2026": liger_2026, "liger-2024": liger_2024,
     "cce": cce, "cce-2024": cce_2024, "cce-nosort-2024": cce_nosort_2024,
     "cce-nofilter": cce_nofilter,
 }

@@ -232,16 +232,17 @@ TABLE_HEAD = ["variant", "mode", "forward", "forward+backward", "peak extra memo
               "time / naive", "time / floor", "memory / naive", "predicted (/ measured)"]
 
 
-def add_predictions(rows: list[dict], hw, loss_preset: str = "default") -> None:
-    """predicted_ms of the roofline model (fastirl.bench.roofline) beside the
-    measured forward+backward, for the variants it models on this device."""
-    from . import roofline
+def add_predictions(rows: list[dict], hw, loss_preset: str = "default",
+                    inputs: str = "lm") -> None:
+    """predicted_ms of the cost model (fastirl.bench.model, calibrated) beside
+    the measured forward+backward, for the variants it models on this device."""
+    from . import model
     for r in rows:
         if r["status"] != "ok":
             continue
-        ms = roofline.predict_ms(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
-                                 vocab=int(r["vocab"]), dtype=r["dtype"], hw=hw,
-                                 loss_preset=loss_preset)
+        ms = model.predict_ms(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
+                              vocab=int(r["vocab"]), dtype=r["dtype"], hw=hw,
+                              loss_preset=loss_preset, inputs=inputs)
         if ms is not None:
             r["predicted_ms"] = ms
             r["predicted_on"] = hw.name
