@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
-# One-shot GPU check of fastirl (issue 11): correctness on the GPU, then time and
-# memory at the Llama-3-8B head shape beside the roofline model's prediction.
+# One-shot GPU check of fastirl for the lent H200 (or any H100 / H200 / A100),
+# in under 9 minutes.  How to run it through the device tool, and what to
+# commit from it: docs/gpu-check.md.
 #
-#   bash benchmarks/gpu_check.sh                 # writes gpu-check-out/
+#   bash benchmarks/gpu_check.sh                    # writes $OUT (default gpu-check-out/)
 #   OUT=dir PYTHON=python3 bash benchmarks/gpu_check.sh
 #
-# On one H100 / H200 it takes about 5-8 minutes (first use compiles the Triton
-# kernels and the CUDA extension).  Steps:
-#   1. pytest -m gpu: every CUDA backend against the float64 reference, a head
-#      on a non-current device (2+ GPUs), N*V > 2^31 logits, > 65,535 rows,
-#      bf16 in-place epilogues, extreme logits, float16 underflow
-#      (tests/test_gpu_check.py, test_triton_gpu.py, test_native_gpu.py);
-#   2. fastirl-bench, N = B*T = 8192, H = 4096, V = 128256, bf16, forward+backward:
-#      every fastirl CUDA backend, liger, cce, torch-lce, naive, the 3-GEMM floor;
-#   3. python -m fastirl.bench.roofline for the same shape on this GPU;
-#   4. $OUT/gpu-check.csv: one row per variant, measured time and peak memory
-#      beside the predicted ones.
-# Without a CUDA device it prints these commands and exits 0.
+# Uses the checkout as it is (PYTHONPATH, no install, no network); peers'
+# pure-Python wheels (liger-kernel, cut-cross-entropy) are installed from the
+# ignored folder .whl/ when it is there (docs/gpu-check.md: how to fetch them).
+# Steps, each under its own time cap (seconds), in this order:
+#   0. versions                                                  ($OUT/versions.txt)      10
+#   1. fastirl-bench, N=8192 H=4096 V=128256 bf16, lm inputs,    ($OUT/bench.csv)        250
+#      each row written to the CSV as it finishes
+#   2. cce and fastirl-triton again on random inputs             ($OUT/bench-random.csv)  60
+#   3. bare torch.mm at the step's GEMM shapes, a copy           ($OUT/ceilings.csv)      40
+#   4. torch.profiler of one default step beside the model       ($OUT/profile.csv)       50
+#   5. pytest -m gpu                                             ($OUT/pytest.txt)       110
+#   6. measured beside predicted                                 ($OUT/gpu-check.csv)     15
+# Everything printed also goes to $OUT/log.txt.  Without a CUDA device it checks
+# every import it would make, prints the plan and exits 0.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-check-out}
-BATCH=1 SEQ=8192 HIDDEN=4096 VOCAB=128256 DTYPE=bfloat16
-VARIANTS=${VARIANTS:-fastirl-triton,fastirl-cuda,fastirl-triton-fused,fastirl-torch,liger,cce,torch-lce,naive,matmul-floor}
-SHAPE=(--batch "$BATCH" --seq "$SEQ" --hidden "$HIDDEN" --vocab "$VOCAB" --dtype "$DTYPE")
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT/log.txt"
+: > "$LOG"
+say() { echo "$@" | tee -a "$LOG"; }
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/gpu-check-site .whl/*.whl 2>&1 | tee -a "$LOG"
+    export PYTHONPATH="$PYTHONPATH:/tmp/gpu-check-site"
+fi
 
 GPU=$("$PY" - <<'EOF' 2>/dev/null
 import torch
@@ -34,62 +46,53 @@ if torch.cuda.is_available():
 EOF
 )
 
-PYTEST=("$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider
-        tests/test_gpu_check.py tests/test_triton_gpu.py tests/test_native_gpu.py
-        --junitxml "$OUT/pytest.xml")
+SHAPE=(--batch 1 --seq 8192 --hidden 4096 --vocab 128256 --dtype bfloat16)
+VARIANTS=${VARIANTS:-matmul-floor,fastirl-triton,naive,liger,cce,fastirl-triton-fused,torch-lce,fastirl-cuda}
 BENCH=("$PY" -m fastirl.bench --device cuda "${SHAPE[@]}" --variants "$VARIANTS"
-       --repeats 5 --warmup 2 --no-plots --out "$OUT/bench" --csv "$OUT/bench.csv")
-MODEL=("$PY" -m fastirl.bench.roofline --gpu "${GPU:-h100}" "${SHAPE[@]}"
-       --sweep-tokens "$SEQ" --csv "$OUT/predicted.csv")
+       --repeats 5 --warmup 1 --no-plots --job-timeout 120 --compile-timeout 60
+       --out /tmp/gpu-check-bench --csv "$OUT/bench.csv" --inputs lm)
+BENCH_RANDOM=("$PY" -m fastirl.bench --device cuda "${SHAPE[@]}" --variants cce,fastirl-triton
+              --repeats 5 --warmup 1 --no-plots --job-timeout 50 --no-check
+              --out /tmp/gpu-check-bench-random --csv "$OUT/bench-random.csv" --inputs random)
+PYTEST=("$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider -x
+        tests/test_gpu_check.py tests/test_triton_gpu.py tests/test_native_gpu.py)
 
 if [ -z "$GPU" ]; then
-    echo "gpu_check.sh: no CUDA device here; on a GPU it would run:"
-    echo "  1. timeout 300 ${PYTEST[*]}"
-    echo "  2. timeout 330 ${BENCH[*]}"
-    echo "  3. ${MODEL[*]}"
-    echo "  4. join bench.csv and predicted.csv into $OUT/gpu-check.csv"
-    echo "     (variant, gpu, measured_fb_ms, predicted_ms, measured_vs_predicted,"
-    echo "      measured_peak_mib, predicted_peak_mib, status)"
+    say "gpu_check.sh: no CUDA device here.  Imports it makes:"
+    "$PY" benchmarks/gpu_probe.py imports 2>&1 | tee -a "$LOG"
+    say "On a GPU it would run (caps in seconds):"
+    say "  0. timeout 10  $PY benchmarks/gpu_probe.py versions $OUT/versions.txt"
+    say "  1. timeout 250 ${BENCH[*]}"
+    say "  2. timeout 60  ${BENCH_RANDOM[*]}"
+    say "  3. timeout 40  $PY benchmarks/gpu_probe.py ceilings $OUT/ceilings.csv --gpu <gpu>"
+    say "  4. timeout 50  $PY benchmarks/gpu_probe.py profile $OUT/profile.csv --gpu <gpu>"
+    say "  5. timeout 110 ${PYTEST[*]}"
+    say "  6. timeout 15  $PY benchmarks/gpu_probe.py join $OUT --gpu <gpu>"
+    "$PY" -m fastirl.bench "${SHAPE[@]}" --device cpu --variants "$VARIANTS" --dry-run \
+        2>&1 | tail -n 12 | tee -a "$LOG"
     exit 0
 fi
 
-mkdir -p "$OUT"
-echo "== gpu_check on $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))') ($GPU)"
-echo "== 1. pytest -m gpu"
-timeout 300 "${PYTEST[@]}" 2>&1 | tee "$OUT/pytest.log"
-TESTS=${PIPESTATUS[0]}
-echo "== 2. fastirl-bench at N=$((BATCH * SEQ)) H=$HIDDEN V=$VOCAB $DTYPE"
-timeout 330 "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log"
-echo "== 3. roofline model"
-"${MODEL[@]}" > "$OUT/predicted.txt" 2>&1
-echo "== 4. measured beside predicted: $OUT/gpu-check.csv"
-"$PY" - "$OUT" "$GPU" <<'EOF'
-import csv, sys
-out, gpu = sys.argv[1], sys.argv[2]
+step() {   # step CAP NAME COMMAND...: run under a time cap, log, never abort the script
+    local cap=$1 name=$2
+    shift 2
+    say "== $name (cap ${cap}s) $(date +%T)"
+    timeout --kill-after=5 "$cap" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    say "== $name: exit $rc"
+    return 0
+}
 
-def rows(path):
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError:
-        return []
-
-pred = {r["variant"]: r for r in rows(f"{out}/predicted.csv")}
-meas = {r["variant"]: r for r in rows(f"{out}/bench.csv") if r.get("mode") in ("IQ", "CE", "floor", "", None)}
-cols = ["variant", "gpu", "measured_fb_ms", "predicted_ms", "measured_vs_predicted",
-        "measured_peak_mib", "predicted_peak_mib", "status"]
-with open(f"{out}/gpu-check.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols)
-    w.writeheader()
-    for v in list(meas) + [v for v in pred if v not in meas]:
-        m, p = meas.get(v, {}), pred.get(v, {})
-        ms, pm = m.get("fb_ms_median") or "", p.get("predicted_ms") or ""
-        ratio = f"{float(ms) / float(pm):.3f}" if ms and pm else ""
-        w.writerow(dict(variant=v, gpu=gpu, measured_fb_ms=ms, predicted_ms=pm,
-                        measured_vs_predicted=ratio, measured_peak_mib=m.get("peak_mib", ""),
-                        predicted_peak_mib=p.get("peak_extra_mib", ""),
-                        status=m.get("status", "not run")))
-print(open(f"{out}/gpu-check.csv").read())
-EOF
-echo "== tests exit status: $TESTS (0 = all passed)"
-exit "$TESTS"
+say "== gpu_check on $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))') ($GPU)"
+step 10 "0. versions" "$PY" benchmarks/gpu_probe.py versions "$OUT/versions.txt"
+step 250 "1. fastirl-bench, lm inputs" "${BENCH[@]}"
+step 60 "2. fastirl-bench, random inputs" "${BENCH_RANDOM[@]}"
+step 40 "3. torch.mm and copy ceilings" "$PY" benchmarks/gpu_probe.py ceilings "$OUT/ceilings.csv" --gpu "$GPU"
+step 50 "4. profile of one default step" "$PY" benchmarks/gpu_probe.py profile "$OUT/profile.csv" --gpu "$GPU"
+say "== 5. pytest -m gpu (cap 110s) $(date +%T)"
+timeout --kill-after=5 110 "${PYTEST[@]}" > "$OUT/pytest.txt" 2>&1
+TESTS=$?
+tail -n 15 "$OUT/pytest.txt" | tee -a "$LOG"
+step 15 "6. measured beside predicted" "$PY" benchmarks/gpu_probe.py join "$OUT" --gpu "$GPU"
+say "== tests exit status: $TESTS (0 = all passed, 124 = time cap)"
+exit 0

@@ -479,11 +479,11 @@ def test_aot_compile_no_spills(tmp_path):
     with every feature on and the gradient modes with the most GEMMs, float32
     (3xTF32) and bfloat16: no spills, <= 255 registers, shared memory within the
     device limit.  The full matrix (every mode, all-off flags, fp16, TF32, both
-    divisibility specialisations) is ``python -m fastirl.backends.triton_aot``."""
+    divisibility specialisations) is ``python tools/triton_aot.py``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastirl.backends.triton_aot", "--flags", "worst",
+        [sys.executable, "tools/triton_aot.py", "--flags", "worst",
          "--dtype", "fp32", "bf16", "--jobs", "2", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=900,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

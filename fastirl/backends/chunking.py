@@ -23,15 +23,18 @@ are then made equal (n split into ceil(n / c) parts), a multiple of ``ALIGN``
 rows where that is possible.
 
 The same function sizes chunks on the CPU (this machine class's GEMM rate and
-bandwidth, :data:`CPU`) and on CUDA (a GPU of :data:`GPUS`, H100 unless told),
-and :mod:`fastirl.bench.roofline` uses it to model the backends' launches.
+bandwidth, :data:`CPU`) and on CUDA (a GPU of :data:`GPUS`, H100 unless told;
+the device table is :mod:`fastirl.backends.hardware`, whose data-sheet peaks
+the policy uses), and :mod:`fastirl.bench.model` uses it to model the
+backends' launches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
+
+# The device table lives in fastirl.backends.hardware; these names stay importable here.
+from .hardware import CPU, GPUS, Hardware, hardware_for
 
 __all__ = ["Hardware", "GPUS", "CPU", "OVERHEAD", "ALIGN", "rows_per_chunk", "hardware_for",
            "chunk_overhead", "itemsize"]
@@ -42,91 +45,8 @@ OVERHEAD = 0.05
 ALIGN = 16
 
 
-@dataclass(frozen=True)
-class Hardware:
-    """Peak figures of a device (public data sheets for GPUs; dense, no sparsity).
-
-    flops: GEMM FLOP/s by operand type: "bfloat16", "float16", "tf32",
-        "float32" (float32 without TF32), "float64".
-    vector_flops: FLOP/s of element-wise float32 arithmetic (CUDA cores / the
-        CPU's vector FMA units), counting an FMA as two.
-    bandwidth: main-memory (HBM / DRAM) bytes per second.
-    l2_bandwidth: L2 bytes per second (atomics resolve there); an assumption
-        (about 3x HBM; vendors do not publish it), 0 for the CPU.
-    min_block_bytes: the smallest logits-block budget of a chunk.
-    """
-
-    name: str
-    kind: str                       # "cuda" or "cpu"
-    flops: dict[str, float] = field(default_factory=dict)
-    vector_flops: float = 0.0
-    bandwidth: float = 0.0
-    l2_bandwidth: float = 0.0
-    sm_count: int = 0
-    l2_bytes: int = 0
-    memory_bytes: int = 0
-    min_block_bytes: int = 64 << 20
-
-    def gemm_flops(self, dtype: str) -> float:
-        """GEMM peak for operands of ``dtype`` ("bfloat16", "float32", "tf32", ...)."""
-        if dtype in self.flops:
-            return self.flops[dtype]
-        if dtype == "float16" and "bfloat16" in self.flops:
-            return self.flops["bfloat16"]
-        return self.flops.get("float32", self.vector_flops)
-
-
-_T = 1e12
-GPUS: dict[str, Hardware] = {
-    # A100 SXM4 80 GB: 312 / 156 / 19.5 TFLOP/s, 2.04 TB/s, 108 SMs, 40 MB L2
-    "a100": Hardware("a100", "cuda", {"bfloat16": 312 * _T, "float16": 312 * _T,
-                                      "tf32": 156 * _T, "float32": 19.5 * _T,
-                                      "float64": 19.5 * _T},
-                     vector_flops=19.5 * _T, bandwidth=2.039e12, l2_bandwidth=6e12, sm_count=108,
-                     l2_bytes=40 << 20, memory_bytes=80 * 10**9, min_block_bytes=1 << 30),
-    # H100 SXM5 80 GB: 989 / 495 / 67 TFLOP/s, 3.35 TB/s, 132 SMs, 50 MB L2
-    "h100": Hardware("h100", "cuda", {"bfloat16": 989.4 * _T, "float16": 989.4 * _T,
-                                      "tf32": 494.7 * _T, "float32": 66.9 * _T,
-                                      "float64": 66.9 * _T},
-                     vector_flops=66.9 * _T, bandwidth=3.35e12, l2_bandwidth=10e12, sm_count=132,
-                     l2_bytes=50 << 20, memory_bytes=80 * 10**9, min_block_bytes=1 << 30),
-    # H200 SXM 141 GB: H100's compute, 4.8 TB/s of HBM3e
-    "h200": Hardware("h200", "cuda", {"bfloat16": 989.4 * _T, "float16": 989.4 * _T,
-                                      "tf32": 494.7 * _T, "float32": 66.9 * _T,
-                                      "float64": 66.9 * _T},
-                     vector_flops=66.9 * _T, bandwidth=4.8e12, l2_bandwidth=10e12, sm_count=132,
-                     l2_bytes=50 << 20, memory_bytes=141 * 10**9, min_block_bytes=1 << 30),
-}
-
-# The CPU class this project is measured on (2 cores of a Sapphire Rapids Xeon
-# with AMX; `python -m fastirl.bench.roofline --device cpu` calibrates the
-# present CPU): only the ratio GEMM rate / bandwidth matters to the policy.
-CPU = Hardware("cpu", "cpu", {"bfloat16": 1.5 * _T, "float16": 1.5 * _T,
-                              "float32": 0.15 * _T, "float64": 0.075 * _T},
-               vector_flops=0.15 * _T, bandwidth=20e9, min_block_bytes=64 << 20)
-
-
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def hardware_for(device: "torch.device | str") -> Hardware:
-    """The figures the policy uses for ``device``: :data:`CPU` for a CPU; for
-    CUDA the known GPU whose name matches the device's (A100 / H100 / H200),
-    else H100's."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return CPU
-    name = ""
-    if torch.cuda.is_available():
-        try:
-            name = torch.cuda.get_device_name(dev).lower()
-        except (RuntimeError, AssertionError):
-            name = ""
-    for key, hw in GPUS.items():
-        if key in name:
-            return hw
-    return GPUS["h100"]
 
 
 def _resolve(device, hardware) -> Hardware:

@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="lambda of the IQ variants (default %(default)s)")
     p.add_argument("--loss-preset", default="default",
                    help="fastirl precision preset of the fastirl variants (default, fast, highest)")
+    p.add_argument("--inputs", choices=("lm", "random"), default="lm",
+                   help="logits' distribution: lm (a trained LM's statistics: entropy, "
+                        "top-1 gap, tokens above CCE's filter threshold; default) or random "
+                        "(N(0, 4) logits, uniform targets: CCE's gradient filter skips nothing)")
     p.add_argument("--ignore-frac", type=float, default=0.0,
                    help="fraction of each sequence marked ignore_index (a prompt); default 0")
     p.add_argument("--sweep", choices=("none", "tokens", "vocab", "both"),
@@ -230,7 +234,8 @@ def _plan(args, device) -> tuple[list[dict], dict]:
 
     common = dict(device=str(device), dtype=shape["dtype"], repeats=repeats, warmup=warmup,
                   td_weight=args.td_weight, loss_preset=args.loss_preset,
-                  ignore_frac=args.ignore_frac, check=not args.no_check, seed=args.seed,
+                  ignore_frac=args.ignore_frac, inputs=args.inputs,
+                  check=not args.no_check, seed=args.seed,
                   threads=args.threads, compile_timeout=compile_timeout)
 
     def job(variant, sweep_name, batch, seq, vocab, forward=True):
@@ -376,6 +381,13 @@ def run(argv=None) -> int:
         bar, write = None, print
     t0 = time.perf_counter()
     results = []
+    # Each row goes to the CSV(s) as soon as its run finishes (a run cut short
+    # by a time limit keeps what it measured); rewritten whole at the end with
+    # the ratios and predictions.
+    stream_paths = [out_dir / "results.csv"] + ([Path(args.csv)] if args.csv else [])
+    for path in stream_paths:
+        report.ensure_dir(Path(path).resolve().parent)
+        Path(path).write_text("")
     for j in jobs:
         if bar is not None:
             bar.set_description(f"{j['variant']} N={j['batch'] * j['seq']} V={j['vocab']}")
@@ -387,6 +399,9 @@ def run(argv=None) -> int:
             res = _run_worker(j, args.job_timeout)
         results.append(res)
         rows.append(report.make_row(base, j, res))
+        rows[-1]["inputs"] = args.inputs
+        for path in stream_paths:
+            report.append_row(path, rows[-1], report.COLUMNS)
         write(_summary_line(j, res))
         if bar is not None:
             bar.update(1)
@@ -394,7 +409,7 @@ def run(argv=None) -> int:
         bar.close()
     report.add_ratios(rows)
     if model_hw is not None:
-        report.add_predictions(rows, model_hw, args.loss_preset)
+        report.add_predictions(rows, model_hw, args.loss_preset, args.inputs)
     for r in rows:   # a shared, re-readable copy of the threads actually used
         r.setdefault("threads", "")
 

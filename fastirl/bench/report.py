@@ -23,7 +23,7 @@ COLUMNS = [
     "peak_mib", "peak_first_mib", "retained_mib", "estimate_mib", "compile_s",
     "time_vs_naive", "time_vs_floor", "mem_vs_naive",
     "check", "mem_method", "loadavg_1m", "fwd_ms_all", "fb_ms_all",
-    "predicted_ms", "predicted_on",
+    "predicted_ms", "predicted_on", "inputs",
 ]
 
 MIB = float(1 << 20)
@@ -151,12 +151,31 @@ def _f(v):
         return None
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_rows(path, rows: list[dict], columns: list[str]) -> None:
+    """CSV of ``rows`` with exactly ``columns`` (missing values empty, floats
+    to 6 significant digits): the one writer of fastirl-bench's results and
+    the roofline model's predictions."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt_csv(r.get(k)) for k in COLUMNS})
+            w.writerow({k: _fmt_csv(r.get(k)) for k in columns})
+
+
+def append_row(path, row: dict, columns: list[str]) -> None:
+    """Append one row (header first when the file is new or empty): results
+    stream to disk as each run finishes."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: _fmt_csv(row.get(k)) for k in columns})
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    write_rows(path, rows, COLUMNS)
 
 
 def _fmt_csv(v):
@@ -213,16 +232,17 @@ TABLE_HEAD = ["variant", "mode", "forward", "forward+backward", "peak extra memo
               "time / naive", "time / floor", "memory / naive", "predicted (/ measured)"]
 
 
-def add_predictions(rows: list[dict], hw, loss_preset: str = "default") -> None:
-    """predicted_ms of the roofline model (fastirl.bench.roofline) beside the
-    measured forward+backward, for the variants it models on this device."""
-    from . import roofline
+def add_predictions(rows: list[dict], hw, loss_preset: str = "default",
+                    inputs: str = "lm") -> None:
+    """predicted_ms of the cost model (fastirl.bench.model, calibrated) beside
+    the measured forward+backward, for the variants it models on this device."""
+    from . import model
     for r in rows:
         if r["status"] != "ok":
             continue
-        ms = roofline.predict_ms(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
-                                 vocab=int(r["vocab"]), dtype=r["dtype"], hw=hw,
-                                 loss_preset=loss_preset)
+        ms = model.predict_ms(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
+                              vocab=int(r["vocab"]), dtype=r["dtype"], hw=hw,
+                              loss_preset=loss_preset, inputs=inputs)
         if ms is not None:
             r["predicted_ms"] = ms
             r["predicted_on"] = hw.name

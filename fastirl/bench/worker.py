@@ -64,11 +64,18 @@ def _cancel_alarm():
 
 
 def make_inputs(torch, *, batch, seq, hidden, vocab, dtype, device, seed, ignore_frac=0.0,
-                check=False):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(batch, seq, hidden, generator=g)
-    w = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 2.0
-    t = torch.randint(0, vocab, (batch, seq), generator=g)
+                check=False, inputs="lm"):
+    """hidden (B, T, H), weight (V, H) requiring grad, targets (B, T).  inputs:
+    "lm" (logits with a trained LM's statistics) or "random" (logits ~ N(0, 4),
+    uniform targets); see fastirl.bench.logits."""
+    from .logits import make_inputs as generate
+
+    if check or hidden < 8:
+        inputs = "random"     # the correctness guard's tiny shape
+    x, w, t = generate(inputs, tokens=batch * seq, hidden=hidden, vocab=vocab, seed=seed,
+                       device=device)
+    x = x.reshape(batch, seq, hidden)
+    t = t.reshape(batch, seq)
     if check:               # a prompt, a hole, a fully-ended sequence tail
         t[0, :3] = -100
         t[1, seq // 2] = -100
@@ -191,7 +198,8 @@ def run_job(job: dict) -> dict:
 
     x, w, t = make_inputs(torch, batch=job["batch"], seq=job["seq"], hidden=job["hidden"],
                           vocab=job["vocab"], dtype=dtype, device=device,
-                          seed=job.get("seed", 0), ignore_frac=job.get("ignore_frac", 0.0))
+                          seed=job.get("seed", 0), ignore_frac=job.get("ignore_frac", 0.0),
+                          inputs=job.get("inputs", "lm"))
     bound = bind(name, fn, x, w, t)
     meter = memory.PeakMeter(device)
     if device.type == "cpu" and not memory.exact_malloc():

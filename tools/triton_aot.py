@@ -1,15 +1,17 @@
 """Ahead-of-time compilation report of the Triton kernels (no GPU needed).
 
-Compiles every kernel of :mod:`.triton_linear` / :mod:`.triton_logits` in
-every configuration the backend (:mod:`.triton_kernels`) can launch, for
+A developer tool (not part of the installed package).  Compiles every kernel
+of :mod:`fastirl.backends.triton_linear` / :mod:`fastirl.backends.triton_logits`
+in every configuration the backends can launch (the tile tables of
+:mod:`fastirl.backends.triton_plan`), for
 sm_80 and sm_90, with ``triton.compile(ASTSource(...), target=GPUTarget(...))``,
 runs ``ptxas -v`` on the PTX for registers and spills, and reads shared memory
 from the compiled kernel's metadata.
 
-    python -m fastirl.backends.triton_aot                 # summary table
-    python -m fastirl.backends.triton_aot --flags all     # every flag combination
-    python -m fastirl.backends.triton_aot --flags worst   # quick check (tests)
-    python -m fastirl.backends.triton_aot --json out.json
+    python tools/triton_aot.py                  # summary table
+    python tools/triton_aot.py --flags all      # every flag combination
+    python tools/triton_aot.py --flags worst    # quick check (tests)
+    python tools/triton_aot.py --json out.json
 
 What "every launchable configuration" means here: every tile configuration of
 ``CONFIGS`` (the linear kernels' "sm80" configs for sm_80, "sm90" for sm_90,
@@ -43,6 +45,10 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Run as a script from a checkout: the package is the one beside this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Hardware limits used by the checks and the occupancy estimate.
 ARCH = {
@@ -101,8 +107,8 @@ class Result:
 
 
 def _kernels():
-    from . import triton_linear as K
-    from . import triton_logits as L
+    from fastirl.backends import triton_linear as K
+    from fastirl.backends import triton_logits as L
     return {
         "linear_fwd": K.linear_fwd_kernel,
         "linear_bwd_rows": K.linear_bwd_rows_kernel,
@@ -196,7 +202,7 @@ def variants(flags: str = "extremes", kernels=None, dtypes=("fp32", "bf16", "fp1
     "worst" (the quick check of the tests: every feature on, the gradient modes
     with the most GEMMs, the specialisation with fewer divisibility facts, the
     float32 variants with 3xTF32)."""
-    from .triton_kernels import CONFIGS
+    from fastirl.backends.triton_plan import CONFIGS
     kernels = kernels or list(CONFIGS)
     for kernel in kernels:
         for key, cfg in CONFIGS[kernel].items():
@@ -408,7 +414,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     from fastirl._validate import CLI_DTYPES, dtype_arg, positive_int
 
-    from .triton_kernels import CONFIGS
+    from fastirl.backends.triton_plan import CONFIGS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCH))

@@ -1,0 +1,636 @@
+"""A roofline cost model of every loss variant, with achievable efficiency.
+
+For a shape (N = B·T tokens, hidden H, vocabulary V, dtype) and a device, each
+variant is a list of launches (:class:`Op`: GEMMs and kernels), each with its
+FLOPs, its main-memory (HBM / DRAM) bytes and how many kernel launches it
+stands for.  A launch is predicted to take
+
+    max(tc, tm) + (1 - overlap) * min(tc, tm)   (GEMMs)   /   max(tc, tm)  (others)
+    + launches * launch_s  (+ lock time, + L2 time where it binds)
+
+with ``tc = FLOPs / (peak * efficiency)`` and ``tm = bytes / (bandwidth *
+efficiency)``: the data-sheet peaks of :mod:`fastirl.backends.hardware` times
+the achievable fractions of the device's :class:`~fastirl.backends.hardware.Calibration`
+(fitted to published measurements: :mod:`fastirl.bench.calibration`).
+``calibrated=False`` gives the bare data-sheet roofline (the floor of what a
+kernel can do).
+
+The fastirl launch lists come from the code's own planning: the chunk policy
+of :mod:`fastirl.backends.chunking` and the pure planner
+:mod:`fastirl.backends.triton_plan` (``plan_epilogue``, ``plan_fused_forward``,
+``plan_fused_backward``): the model follows the code, and a new plan (a
+``memory=`` option, vocabulary slabs) is modelled by adding a planner
+function.  The peers (Liger-Kernel, Cut Cross-Entropy, PyTorch eager and
+compiled cross-entropy, TorchTune, TRL) are modelled from their published
+code in :mod:`fastirl.bench.peers`.
+
+What the default backend does beyond its planner's launches, each behind one
+switch of :class:`Options` (so that a change of the engine is one flip):
+``dw_zero_fill`` (the float32 dW accumulator is zero-filled, V·H·4 bytes, per
+call), ``lookahead`` (each single-pass chunk but the last computes c + 1 rows:
+GEMMs with M or K = c + 1), ``addmm_out_dtype`` (torch >= 2.8: cuBLAS
+accumulates dW in float32; without it the dW GEMM goes through 64 MiB bf16
+slabs added into the accumulator through a float32 temporary).  Host
+synchronisations are not modelled (the engine is removing them).
+
+``--device cpu`` (:func:`calibrate_cpu`) replaces the GPU figures by this
+CPU's, measured in a short calibration, and models the CPU variants.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from fastirl.backends import chunking, gemm_epilogue, triton_plan
+from fastirl.backends.hardware import GPUS, Calibration, Hardware, gpu
+
+__all__ = ["Op", "Shape", "Prediction", "Options", "gpu", "calibrate_cpu", "cuda_variants",
+           "cpu_variants", "predict", "predict_all", "predict_ms", "bench_hardware", "sweep",
+           "gemm", "elementwise", "ISZ", "GPUS", "torch_has_addmm_out_dtype"]
+
+ISZ = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+_ISZ = ISZ
+
+# Element-wise cost of the epilogues, in float32 FLOP-equivalents per logit
+# (vector instructions x 2, an FMA counting as two FLOPs as in the peak).
+#   stats: max, exp, sum (+ converts);  grad: sub, mul, exp, mul (+ converts).
+# "poly": the CPU's branch-free Cephes exp (iq_math.h exp_, ~20 instructions);
+# "exp2": the GPU's hardware exp2 on pre-scaled inputs (a few instructions).
+EPILOGUE_FLOPS = {"poly": {"stats": 52.0, "grad": 54.0}, "exp2": {"stats": 12.0, "grad": 12.0}}
+# The soft cap's tanh on top (per logit and pass, polynomial / hardware).
+SOFTCAP_FLOPS = {"poly": 60.0, "exp2": 16.0}
+
+# Small launches of fastirl's engine and IQ objective around the backend's own
+# (per-row vector ops of the objective and its autograd, slicing copies, the
+# carry between chunks), counted with torch.profiler on the CPU (ATen ops that
+# launch a kernel, views excluded): ~60 per chunk and ~30 per call.
+ENGINE_CHUNK_LAUNCHES = 60
+ENGINE_CALL_LAUNCHES = 30
+
+# cuBLAS-like tile quantisation of a GEMM's work: (m, n) in 128 x 128 output
+# tiles, k in steps of 64.  A GEMM with m = 4097 does 33 tile rows of work.
+GEMM_TILE = (128, 128, 64)
+
+
+def torch_has_addmm_out_dtype(version: str | None = None) -> bool:
+    """Whether torch (``version``, default the installed one) has CUDA
+    ``addmm(..., out_dtype=)`` (PyTorch 2.8 and later)."""
+    v = (version or torch.__version__).split("+")[0].split(".")
+    try:
+        return (int(v[0]), int(v[1])) >= (2, 8)
+    except (ValueError, IndexError):
+        return True
+
+
+@dataclass(frozen=True)
+class Options:
+    """The switches of the model: what the default backend's code does now.
+
+    dw_zero_fill: the engine zero-fills the float32 dW accumulator (a memset
+        of V·H·4 bytes) on every call that wants dW.
+    lookahead: single-pass chunks (all but the last) compute one look-ahead
+        row: their GEMMs have M (logits, dx) or K (dW) = c + 1.
+    addmm_out_dtype: cuBLAS accumulates the dW GEMM into float32 (torch >=
+        2.8); False models the fallback (64 MiB low-precision slabs, each
+        added into the accumulator through a float32 temporary).
+    engine_launches: charge the engine's and the objective's small launches.
+    calibrated: achievable fractions (True) or data-sheet peaks (False).
+    inputs: the logits' distribution of the inputs ("lm" or "random",
+        :mod:`fastirl.bench.logits`): decides how much of Cut Cross-Entropy's
+        backward its gradient filter skips.
+    """
+
+    dw_zero_fill: bool = True
+    lookahead: bool = True
+    addmm_out_dtype: bool = True
+    engine_launches: bool = True
+    calibrated: bool = True
+    inputs: str = "lm"
+
+
+DEFAULT_OPTIONS = Options()
+
+
+@dataclass(frozen=True)
+class Op:
+    """One launch (or ``count`` identical ones).
+
+    unit: a GEMM operand type ("bfloat16", "tf32", ...) for cuBLAS GEMMs,
+        "fused:<dtype>" for Triton kernels that fuse GEMM tiles with a
+        reduction, "vector" for element-wise / row-wise kernels.
+    work: FLOPs charged (the tile-quantised work of a GEMM), default ``flops``.
+    l2_bytes: L2-side traffic (float32 atomics), at ``hw.l2_bandwidth``.
+    lock_adds: lock-protected tile-slice read-modify-writes (CCE's backward).
+    launches: kernel launches this op stands for (per count).
+    """
+
+    name: str
+    flops: float
+    bytes: float
+    unit: str = "vector"
+    count: int = 1
+    l2_bytes: float = 0.0
+    launches: int = 1
+    lock_adds: float = 0.0
+    work: float | None = None
+
+    def seconds(self, hw: Hardware, calibrated: bool = True) -> float:
+        cal = hw.calibration if calibrated else Calibration()
+        work = self.flops if self.work is None else self.work
+        gemm_unit = self.unit != "vector"
+        if not gemm_unit:
+            peak = hw.vector_flops
+        elif self.unit.startswith("fused:"):
+            peak = hw.gemm_flops(self.unit[6:]) * cal.fused_gemm
+        else:
+            peak = hw.gemm_flops(self.unit) * cal.gemm
+        tc = work / peak if peak else 0.0
+        tm = self.bytes / (hw.bandwidth * cal.bandwidth) if hw.bandwidth else 0.0
+        t = max(tc, tm)
+        if gemm_unit:
+            t += (1.0 - cal.overlap) * min(tc, tm)
+        if self.l2_bytes and hw.l2_bandwidth:
+            t = max(t, self.l2_bytes / hw.l2_bandwidth)
+        if self.lock_adds and hw.sm_count:
+            t += self.lock_adds * cal.lock_add_s / hw.sm_count
+        t += self.launches * cal.launch_s
+        return self.count * t
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype: str = "bfloat16"
+
+    @property
+    def isz(self) -> int:
+        return ISZ[self.dtype]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class Prediction:
+    variant: str
+    mode: str
+    ops: list[Op]
+    hw: Hardware
+    shape: Shape
+    peak_extra_bytes: float = 0.0     # modelled peak memory above the inputs
+    note: str = ""
+    vs_floor: float | None = None
+    calibrated: bool = True
+
+    @property
+    def launches(self) -> int:
+        return sum(o.count * o.launches for o in self.ops)
+
+    @property
+    def flops(self) -> float:
+        return sum(o.flops * o.count for o in self.ops)
+
+    @property
+    def hbm_bytes(self) -> float:
+        return sum(o.bytes * o.count for o in self.ops)
+
+    @property
+    def seconds(self) -> float:
+        return sum(o.seconds(self.hw, self.calibrated) for o in self.ops)
+
+    def by_kind(self) -> dict[str, float]:
+        """Predicted seconds per launch name (the breakdown)."""
+        out: dict[str, float] = {}
+        for o in self.ops:
+            out[o.name] = out.get(o.name, 0.0) + o.seconds(self.hw, self.calibrated)
+        return out
+
+
+# ------------------------------------------------------------------ building blocks
+
+def _quantised(m: int, n: int, k: int) -> float:
+    tm, tn, tk = GEMM_TILE
+    return 2.0 * (-(-m // tm) * tm) * (-(-n // tn) * tn) * (-(-k // tk) * tk)
+
+
+def gemm(name: str, m: int, n: int, k: int, dtype: str, *, out_bytes: int | None = None,
+         accumulate: bool = False, unit: str | None = None, a_reads: int = 1) -> Op:
+    """(m, k) @ (k, n): operands read once (a_reads: times the (m, k) operand
+    is streamed), the (m, n) result written (read too when accumulating);
+    the work is tile-quantised (GEMM_TILE)."""
+    isz = ISZ[dtype]
+    ob = isz if out_bytes is None else out_bytes
+    c = m * n * ob * (2 if accumulate else 1)
+    return Op(name, 2.0 * m * n * k, (a_reads * m * k + k * n) * isz + c, unit or dtype,
+              work=_quantised(m, n, k))
+
+
+def elementwise(name: str, elements: float, bytes_per: float, flops_per: float,
+                extra_bytes: float = 0.0, launches: int = 1) -> Op:
+    return Op(name, elements * flops_per, elements * bytes_per + extra_bytes, "vector",
+              launches=launches)
+
+
+def small_launches(name: str, launches: int) -> Op:
+    """Tiny kernels (per-row vectors, bookkeeping): their launch cost only."""
+    return Op(name, 0.0, 0.0, "vector", launches=launches)
+
+
+def _epi(kind: str, which: str, softcap: bool) -> float:
+    return EPILOGUE_FLOPS[kind][which] + (SOFTCAP_FLOPS[kind] if softcap else 0.0)
+
+
+# ------------------------------------------------------------------ CPU calibration
+
+def calibrate_cpu(seconds: float = 3.0, threads: int | None = None) -> Hardware:
+    """This CPU's figures, measured: GEMM FLOP/s per dtype (square GEMMs of
+    1024-2048), copy bandwidth (a 256 MiB buffer), and the vector float32 rate
+    taken as the float32 GEMM rate.  About ``seconds`` of work."""
+    if threads:
+        torch.set_num_threads(threads)
+    budget = seconds / 4
+
+    def rate(fn, work):
+        fn()
+        best, t_end = float("inf"), time.perf_counter() + budget
+        while True:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+            if time.perf_counter() > t_end:
+                break
+        return work / best
+
+    flops = {}
+    for dt, size in (("float32", 1024), ("bfloat16", 2048)):
+        a = torch.randn(size, size).to(getattr(torch, dt))
+        b = torch.randn(size, size).to(getattr(torch, dt))
+        out = torch.empty(size, size, dtype=a.dtype)
+        flops[dt] = rate(lambda: torch.mm(a, b, out=out), 2.0 * size ** 3)
+    flops["float16"] = flops["bfloat16"]
+    flops["float64"] = flops["float32"] / 2
+    src = torch.ones(64 << 20)          # 256 MiB
+    dst = torch.empty_like(src)
+    bw = rate(lambda: dst.copy_(src), 2.0 * src.numel() * 4)
+    return Hardware("cpu (calibrated)", "cpu", flops, vector_flops=flops["float32"],
+                    bandwidth=bw, min_block_bytes=chunking.CPU.min_block_bytes, arch="cpu",
+                    calibration=Calibration(source="measured on this CPU"))
+
+
+# ------------------------------------------------------------------ fastirl variants
+
+def _device_info(hw: Hardware) -> triton_plan.DeviceInfo:
+    return triton_plan.DeviceInfo(hw.arch if hw.arch in ("sm80", "sm90") else "sm90",
+                                  hw.sm_count or 132, hw.l2_bytes or (50 << 20))
+
+
+def _engine_rows(backend: str, s: Shape, hw: Hardware, chunk_size: int | None = None) -> int:
+    """Rows per engine chunk, as the backend picks them (its chunk policy)."""
+    dt = s.torch_dtype
+    if chunk_size is not None:
+        return max(1, min(chunk_size, s.tokens))
+    if backend == "triton-fused":
+        return triton_plan.fused_rows_per_chunk(s.tokens, s.hidden)
+    if backend == "torch":
+        return chunking.rows_per_chunk(s.tokens, s.vocab, s.hidden, dt, hardware=hw,
+                                       block_itemsize=4 if dt != torch.float64 else 8)
+    return chunking.rows_per_chunk(s.tokens, s.vocab, s.hidden, dt, hardware=hw)
+
+
+def _dw_gemm(m: int, n: int, k: int, s: Shape, opts: Options) -> list[Op]:
+    """dW (m = V, n = H) += dzᵀ x over k rows, float32 accumulator."""
+    if opts.addmm_out_dtype or s.dtype == "float32":
+        return [gemm("gemm_dw", m, n, k, s.dtype, out_bytes=4, accumulate=True)]
+    # torch < 2.8: row slabs of _DW_SLAB_BYTES in the input dtype, each added into
+    # the float32 accumulator by a mixed-dtype add_ (which converts the slab to a
+    # float32 temporary first): part written + read, temporary written + read,
+    # accumulator read + written.
+    isz = s.isz
+    slab = max(1, min(m, gemm_epilogue._DW_SLAB_BYTES // (n * isz)))
+    nslab = -(-m // slab)
+    mm = gemm("gemm_dw", m, n, k, s.dtype, a_reads=1)
+    mm = replace(mm, bytes=mm.bytes + (nslab - 1) * k * n * isz, launches=nslab)
+    add = elementwise("dW_add_slabs", m * n, 2 * isz + 8 + 8, 1.0, launches=2 * nslab)
+    return [mm, add]
+
+
+def _from_launches(launches, s: Shape, hw: Hardware, opts: Options, *, epi: str,
+                   softcap: bool, dx_f32: bool = False) -> list[Op]:
+    """Ops of the planner's launches (fastirl.backends.triton_plan.Launch)."""
+    isz = s.isz
+    ops: list[Op] = []
+    for ln in launches:
+        k = ln.kernel
+        if k == "gemm_logits":
+            m, n, kk = ln.grid
+            ops.append(gemm("gemm_logits", m, n, kk, s.dtype))
+        elif k == "gemm_dx":
+            m, n, kk = ln.grid
+            ops.append(gemm("gemm_dx", m, n, kk, s.dtype, out_bytes=4 if dx_f32 else isz,
+                            accumulate=dx_f32))
+        elif k == "gemm_dw":
+            m, n, kk = ln.grid
+            ops += _dw_gemm(m, n, kk, s, opts)
+        elif k == "logits_stats":
+            rows, vocab = ln.rows, ln.vocab
+            parts = ln.splits * rows * 4 * 4
+            ops.append(elementwise("epilogue_stats", rows * vocab, isz,
+                                   _epi(epi, "stats", softcap), parts))
+        elif k == "merge":
+            ops.append(elementwise("merge", ln.rows, ln.splits * 16 + 20, 4 * ln.splits))
+        elif k == "logits_grad":
+            ops.append(elementwise("epilogue_grad", ln.rows * ln.vocab, 2 * isz,
+                                   _epi(epi, "grad", softcap)))
+        elif k in ("linear_fwd", "linear_bwd_rows"):
+            ops.append(_fused_tiles(ln, s, hw, epi=epi, softcap=softcap))
+        else:
+            raise ValueError(f"roofline: no cost model for launch {k!r}")
+    return ops
+
+
+def _fused_tiles(ln, s: Shape, hw: Hardware, *, epi: str, softcap: bool) -> Op:
+    """A fused linear kernel over (row block, vocabulary split) programs.
+
+    Programs resident at once: one per SM, ``group_m`` row blocks x SMs /
+    group_m splits.  Per wave, each resident split streams its W slab from HBM
+    once (the resident programs of a split walk it in step; with a staggered
+    walk they are at different blocks, so the slab is read once per program
+    unless the slabs of the resident splits fit in L2), and each x panel is
+    read once (it stays in L2 when a step's working set does, else once per
+    step).  Backward (linear_bwd_rows): three GEMM tiles per step, W and x
+    tiles read twice, float32 atomics of dx (BM x H per program and step) and
+    dW (BN x H): 8 bytes each of L2 traffic, and in HBM one read-modify-write
+    of each dW tile per wave and split (per program when staggered) and of
+    each dx panel per wave."""
+    cfg = ln.config
+    bm, bn = cfg.block_m, cfg.block_n
+    n, V, H, isz = ln.rows, ln.vocab, ln.hidden, s.isz
+    programs = ln.grid[0]
+    P = max(1, hw.sm_count)
+    G = max(1, min(ln.group_m, P))
+    per = max(1, ln.blocks_per_split)
+    waves = math.ceil(programs / P)
+    slab = per * bn * H * isz
+    step_set = (P // G) * bn * H * isz + G * bm * H * isz
+    fits = step_set <= hw.l2_bytes
+    spread = G if ln.stagger and (P // G) * slab > hw.l2_bytes else 1
+    w_wave = (P // G) * slab * spread
+    x_wave = G * bm * H * isz * (1 if fits else per)
+    bwd = ln.kernel == "linear_bwd_rows"
+    reads = 2 if bwd else 1
+    flops = 2.0 * n * V * H * (3 if bwd else 1)
+    flops_epi = n * V * _epi(epi, "grad" if bwd else "stats", softcap)
+    l2 = 0.0
+    rmw = 0.0
+    if bwd:
+        l2 = 8.0 * programs * per * (bm + bn) * H
+        rmw = waves * ((P // G) * per * bn * H * 8 * spread + G * bm * H * 8)
+    partials = 0 if bwd else ln.splits * n * 16
+    bytes_ = waves * reads * (w_wave + x_wave) + rmw + partials
+    # tensor-core FLOPs and the epilogue's vector FLOPs share the SMs: charge both
+    t_flops = flops + flops_epi * hw.gemm_flops(s.dtype) / hw.vector_flops
+    return Op(ln.kernel, flops, bytes_, f"fused:{s.dtype}", l2_bytes=l2, work=t_flops)
+
+
+def _engine_extras(s: Shape, hw: Hardware, opts: Options, chunks: int, *,
+                   need_w: bool = True) -> list[Op]:
+    """What the engine launches around the backend: the zero-fills of its
+    gradient buffers, the small per-row launches, the dW cast."""
+    N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
+    ops = [elementwise("dx_zero_fill", N * H, isz, 0.0),
+           elementwise("dx_put", N * H, 2 * isz, 0.0, launches=chunks)]
+    if need_w and opts.dw_zero_fill:
+        ops.append(elementwise("dW_zero_fill", V * H, 4, 0.0))
+    if opts.engine_launches:
+        ops.append(small_launches("engine_small",
+                                  ENGINE_CALL_LAUNCHES + ENGINE_CHUNK_LAUNCHES * chunks))
+    return ops
+
+
+def _fastirl_gpu(backend: str, preset: str, s: Shape, hw: Hardware, opts: Options, *,
+                 softcap: bool, single_pass: bool) -> tuple[list[Op], float, str]:
+    """(ops, peak extra bytes, note) of fastirl backend ``backend`` on a GPU."""
+    dev = _device_info(hw)
+    if preset == "highest" and s.dtype != "float32":
+        s = replace(s, dtype="float32")    # upcast: float32 GEMMs (no TF32 by default)
+    dt = s.torch_dtype
+    N, V, H = s.tokens, s.vocab, s.hidden
+    grads = V * H * 4 + N * H * s.isz + V * H * s.isz   # float32 dW, dx, dW cast
+    if backend in ("triton", "cuda"):
+        rows = _engine_rows(backend, s, hw)
+        launches = triton_plan.plan_epilogue(N, V, H, dt, dev=dev, rows_per_chunk=rows,
+                                             single_pass=single_pass,
+                                             lookahead=opts.lookahead)
+        ops = _from_launches(launches, s, hw, opts, epi="exp2", softcap=softcap)
+        chunks = math.ceil(N / rows)
+        ops += _engine_extras(s, hw, opts, chunks)
+        ops.append(elementwise("dW_cast", V * H, 4 + s.isz, 1.0))
+        look = 1 if opts.lookahead and chunks > 1 else 0
+        peak = grads + (rows + look) * V * s.isz
+        return ops, peak, f"{chunks} chunks of {rows} rows"
+    if backend == "triton-fused":
+        rows = _engine_rows(backend, s, hw)
+        ops: list[Op] = []
+        for r0 in range(0, N, rows):
+            c = min(rows, N - r0)
+            ops += _from_launches(triton_plan.plan_fused_forward(c, V, H, dt, dev=dev), s, hw,
+                                  opts, epi="exp2", softcap=softcap)
+            det = preset != "fast"
+            bwd = triton_plan.plan_fused_backward(c, V, H, dt, dev=dev, deterministic=det)
+            ops += _from_launches(bwd, s, hw, opts, epi="exp2", softcap=softcap, dx_f32=det)
+        chunks = math.ceil(N / rows)
+        ops += _engine_extras(s, hw, opts, chunks)
+        ops.append(elementwise("dW_cast", V * H, 4 + s.isz, 1.0))
+        cols = triton_plan.slab_columns(min(rows, N), V, dt)
+        peak = grads + N * H * 4 + (0 if preset == "fast" else min(rows, N) * cols * s.isz)
+        return ops, peak, f"{chunks} engine chunks"
+    if backend == "torch":
+        return _torch_backend(s, hw, opts, softcap=softcap, epi="exp2")
+    raise ValueError(f"roofline: unknown fastirl backend {backend!r}")
+
+
+def _torch_backend(s: Shape, hw: Hardware, opts: Options, *, softcap: bool, epi: str,
+                   chunk_size: int | None = None) -> tuple[list[Op], float, str]:
+    """fastirl's pure-PyTorch backend: per chunk a GEMM, a float32 copy of the
+    block, ~6 element-wise passes (max, sub, exp, sum, scale, one-hot), a
+    float32 dW GEMM and a dx GEMM on a copy of dz in the input dtype."""
+    N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
+    rows = _engine_rows("torch", s, hw, chunk_size)
+    ops: list[Op] = []
+    f32 = s.dtype == "float32"
+    for c in _chunks(N, rows):
+        e = c * V
+        ops.append(gemm("gemm_logits", c, V, H, s.dtype))
+        if not f32:
+            ops.append(elementwise("to_float32", e, isz + 4, 1.0))
+        ops.append(elementwise("stats_passes", e, 4 * 5, _epi(epi, "stats", softcap) / 2,
+                               launches=5))
+        ops.append(elementwise("grad_passes", e, 4 * 4, 4.0, launches=4))
+        ops.append(gemm("gemm_dw", V, H, c, "float32", out_bytes=4, accumulate=True))
+        if not f32:
+            ops.append(elementwise("dz_cast", e, 4 + isz, 1.0))
+        ops.append(gemm("gemm_dx", c, H, V, s.dtype))
+    if not f32:
+        ops.append(elementwise("dW_cast", V * H, 4 + isz, 1.0))
+    if hw.kind == "cuda":
+        ops += _engine_extras(s, hw, opts, math.ceil(N / rows))
+    peak = V * H * 4 + N * H * isz + (0 if f32 else V * H * isz) + rows * V * 4
+    return ops, peak, f"{math.ceil(N / rows)} chunks of {rows} rows"
+
+
+def _chunks(n: int, rows: int) -> list[int]:
+    """Rows each engine chunk computes in single-pass mode: its own plus one
+    look-ahead row (the next chunk's first, for V of the TD term), except the
+    last chunk."""
+    out = []
+    for r0 in range(0, n, max(1, rows)):
+        c = min(rows, n - r0)
+        out.append(c + 1 if r0 + c < n else c)
+    return out
+
+
+def _fastirl_cpu(s: Shape, hw: Hardware, *, softcap: bool,
+                 chunk_size: int | None = None) -> tuple[list[Op], float, str]:
+    """fastirl's "cpu" backend: per chunk the logits GEMM (block in the input
+    dtype), the statistics and gradient epilogues (one read; one read + write),
+    dx = dz @ W and dW: a float32 addmm for float32 inputs, else low-precision
+    GEMMs per vocabulary slab added into the float32 accumulator."""
+    N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
+    dt = s.torch_dtype
+    rows = chunking.rows_per_chunk(N, V, H, dt, hardware=hw, chunk_size=chunk_size,
+                                   block_itemsize=4 if dt == torch.float32 else 2)
+    ops: list[Op] = []
+    lowp = s.dtype != "float32"
+    for c in _chunks(N, rows):
+        ops.append(gemm("gemm_logits", c, V, H, s.dtype))
+        ops.append(elementwise("epilogue_stats", c * V, isz, _epi("poly", "stats", softcap)))
+        ops.append(elementwise("epilogue_grad", c * V, 2 * isz, _epi("poly", "grad", softcap)))
+        ops.append(gemm("gemm_dx", c, H, V, s.dtype))
+        if lowp:
+            slab = max(1, min(V, gemm_epilogue._DW_SLAB_BYTES // (H * isz)))
+            nslab = -(-V // slab)
+            # every slab GEMM streams the (c, H) x panel again
+            ops.append(Op("gemm_dw", 2.0 * V * H * c,
+                          (V * c + nslab * c * H) * isz + V * H * isz, s.dtype))
+            ops.append(elementwise("dW_add", V * H, isz + 8, 1.0))
+        else:
+            ops.append(gemm("gemm_dw", V, H, c, s.dtype, out_bytes=4, accumulate=True))
+    if lowp:
+        ops.append(elementwise("dW_cast", V * H, 4 + isz, 1.0))
+    peak = V * H * 4 + N * H * isz + (V * H * isz if lowp else 0) + rows * V * (
+        4 if not lowp else isz)
+    return ops, peak, f"{math.ceil(N / rows)} chunks of {rows} rows"
+
+
+# ------------------------------------------------------------------ variants
+
+# The fastirl CUDA backends x presets of the model ("fast" only where it
+# changes the launches: the fused backward's atomics).
+_CUDA_FASTIRL = [("cuda", "default"), ("cuda", "highest"), ("triton", "default"),
+                 ("triton", "highest"), ("triton-fused", "default"), ("triton-fused", "fast"),
+                 ("torch", "default")]
+
+
+def _variant_name(backend: str, preset: str) -> str:
+    return f"fastirl-{backend}" + ("" if preset == "default" else f"-{preset}")
+
+
+def cuda_variants() -> list[str]:
+    """The variants of the sweep tables: fastirl's CUDA backends, the anchors
+    fastirl-bench measures on CUDA, the floor."""
+    return ([_variant_name(b, p) for b, p in _CUDA_FASTIRL]
+            + ["liger", "cce", "naive", "matmul-floor"])
+
+
+def cpu_variants() -> list[str]:
+    return ["fastirl-cpu", "fastirl-torch", "naive", "matmul-floor"]
+
+
+def _split(variant: str) -> tuple[str, str]:
+    rest = variant[len("fastirl-"):]
+    for preset in ("fast", "highest"):
+        if rest.endswith("-" + preset):
+            return rest[: -len(preset) - 1], preset
+    return rest, "default"
+
+
+def predict(variant: str, s: Shape, hw: Hardware, *, softcap: bool = False,
+            single_pass: bool = True, chunk_size: int | None = None,
+            options: Options | None = None, **peer_kw) -> Prediction:
+    """The modelled launches of ``variant`` (a fastirl-bench variant name, or a
+    peer of :data:`fastirl.bench.peers.PEERS`) at ``s``.  chunk_size: the
+    engine's explicit chunk_size (CPU variants), else the policy's."""
+    from . import peers
+
+    opts = options or DEFAULT_OPTIONS
+    mode = "IQ"
+    if variant in peers.PEERS:
+        ops, peak, note, mode = peers.PEERS[variant](s, hw, opts, softcap=softcap, **peer_kw)
+    elif variant.startswith("fastirl-"):
+        backend, preset = _split(variant)
+        if backend.endswith("-ce"):
+            backend, mode = backend[:-3], "CE"
+        if hw.kind == "cpu":
+            if backend == "cpu":
+                ops, peak, note = _fastirl_cpu(s, hw, softcap=softcap, chunk_size=chunk_size)
+            elif backend == "torch":
+                ops, peak, note = _torch_backend(s, hw, opts, softcap=softcap, epi="poly",
+                                                 chunk_size=chunk_size)
+            else:
+                raise ValueError(f"roofline: {variant!r} is not a CPU variant")
+        else:
+            ops, peak, note = _fastirl_gpu(backend, preset, s, hw, opts, softcap=softcap,
+                                           single_pass=single_pass)
+    else:
+        raise ValueError(f"roofline: unknown variant {variant!r}")
+    return Prediction(variant, mode, ops, hw, s, peak, note, calibrated=opts.calibrated)
+
+
+def predict_all(s: Shape, hw: Hardware, variants: list[str] | None = None,
+                **kw) -> list[Prediction]:
+    names = variants or (cuda_variants() if hw.kind == "cuda" else cpu_variants())
+    preds = [predict(v, s, hw, **kw) for v in names]
+    floor = predict("matmul-floor", s, hw, options=kw.get("options")).seconds
+    for p in preds:
+        p.vs_floor = p.seconds / floor
+    return preds
+
+
+def bench_hardware(device: torch.device, threads: int | None = None) -> Hardware:
+    """The figures ``fastirl-bench`` predicts with: this CPU calibrated (about
+    two seconds), or the known GPU matching the CUDA device's name."""
+    if device.type == "cpu":
+        return calibrate_cpu(seconds=2.0, threads=threads)
+    return chunking.hardware_for(device)
+
+
+def predict_ms(variant: str, *, tokens: int, hidden: int, vocab: int, dtype: str,
+               hw: Hardware, loss_preset: str = "default", inputs: str = "lm") -> float | None:
+    """Predicted forward+backward milliseconds of a ``fastirl-bench`` variant,
+    or None for the variants the model does not cover on this device."""
+    name = variant[:-3] if variant.startswith("fastirl-") and variant.endswith("-ce") else variant
+    if name.startswith("fastirl-") and loss_preset != "default":
+        if hw.kind == "cpu":
+            return None
+        name = f"{name}-{loss_preset}"
+    known = cpu_variants() if hw.kind == "cpu" else cuda_variants()
+    if name not in known:
+        return None
+    opts = replace(DEFAULT_OPTIONS, inputs=inputs, addmm_out_dtype=torch_has_addmm_out_dtype())
+    try:
+        p = predict(name, Shape(tokens, hidden, vocab, dtype), hw, options=opts)
+    except (ValueError, ImportError):
+        return None
+    return p.seconds * 1e3
+
+
+def sweep(base: Shape, hw: Hardware, tokens: list[int], variants: list[str] | None = None,
+          **kw) -> dict[int, list[Prediction]]:
+    return {n: predict_all(replace(base, tokens=n), hw, variants, **kw) for n in tokens}
