@@ -75,6 +75,7 @@ def ceilings(path: str, gpu: str) -> int:
     import torch
 
     from fastirl.bench import model as M
+    from fastirl.bench import predict as P
     hw = M.gpu(gpu)
     N, H, V = SHAPE["tokens"], SHAPE["hidden"], SHAPE["vocab"]
     c = 4096
@@ -131,6 +132,7 @@ def profile(path: str, gpu: str) -> int:
 
     import fastirl
     from fastirl.bench import model as M
+    from fastirl.bench import predict as P
     from fastirl.bench.logits import make_inputs
 
     N, H, V = SHAPE["tokens"], SHAPE["hidden"], SHAPE["vocab"]
@@ -161,7 +163,7 @@ def profile(path: str, gpu: str) -> int:
         slot[0] += dev / 1e3
         slot[1] += e.count
         slot[2].append(e.key[:60])
-    pred = M.predict("fastirl-triton", M.Shape(N, H, V, "bfloat16"), M.gpu(gpu))
+    pred = P.predict("fastirl-triton", M.Shape(N, H, V, "bfloat16"), M.gpu(gpu))
     model_cls: dict[str, float] = {}
     for k, v in pred.by_kind().items():
         cls = ("gemm" if k.startswith("gemm") else "fill" if "zero_fill" in k else
@@ -189,6 +191,7 @@ def profile(path: str, gpu: str) -> int:
 
 def join(out: str, gpu: str) -> int:
     from fastirl.bench import model as M
+    from fastirl.bench import predict as P
     from fastirl.bench import report
     hw = M.gpu(gpu)
     cols = ["variant", "inputs", "gpu", "status", "measured_fb_ms", "predicted_ms",
@@ -202,7 +205,7 @@ def join(out: str, gpu: str) -> int:
             if r.get("sweep") != "main":
                 continue
             inputs = r.get("inputs") or ("random" if "random" in name else "lm")
-            pred = M.predict_ms(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
+            pred = P.predict_ms(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
                                 vocab=int(r["vocab"]), dtype=r["dtype"], hw=hw, inputs=inputs)
             meas = r.get("fb_ms_median") or ""
             ratio = f"{float(meas) / pred:.3f}" if meas and pred else ""
@@ -225,7 +228,7 @@ def imports() -> int:
     import fastirl.bench  # noqa: F401
     import fastirl.bench.cli  # noqa: F401
     import fastirl.bench.worker  # noqa: F401
-    from fastirl.bench import calibration, logits, model, peers, roofline  # noqa: F401
+    from fastirl.bench import calibration, logits, model, peers, predict, roofline  # noqa: F401
     from fastirl.backends import hardware, triton_plan  # noqa: F401
     for name in ("triton", "fastirl.backends.triton_kernels", "liger_kernel",
                  "cut_cross_entropy"):
@@ -234,7 +237,7 @@ def imports() -> int:
             print(f"  import {name}: ok")
         except Exception as exc:   # noqa: BLE001
             print(f"  import {name}: {type(exc).__name__}: {str(exc)[:120]}")
-    print("  cost model:", f"{model.predict('fastirl-triton', model.Shape(8192, 4096, 128256), model.gpu('h200')).seconds * 1e3:.1f} ms predicted on h200")
+    print("  cost model:", f"{predict.predict('fastirl-triton', model.Shape(8192, 4096, 128256), model.gpu('h200')).seconds * 1e3:.1f} ms predicted on h200")
     return 0
 
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field, replace
 
 from fastirl.backends.hardware import CALIBRATIONS, GPUS, Calibration, Hardware
 
-from .model import DEFAULT_OPTIONS, Shape, predict
+from .model import DEFAULT_OPTIONS, Shape
+from .predict import predict
 
 __all__ = ["Figure", "FIGURES", "predict_figure", "table", "fit", "CCE_PAPER_KEPT",
            "TOLERANCE"]

@@ -48,9 +48,9 @@ import torch
 from fastirl.backends import chunking, gemm_epilogue, triton_plan
 from fastirl.backends.hardware import GPUS, Calibration, Hardware, gpu
 
-__all__ = ["Op", "Shape", "Prediction", "Options", "gpu", "calibrate_cpu", "cuda_variants",
-           "cpu_variants", "predict", "predict_all", "predict_ms", "bench_hardware", "sweep",
-           "gemm", "elementwise", "ISZ", "GPUS", "torch_has_addmm_out_dtype"]
+__all__ = ["Op", "Shape", "Prediction", "Options", "gpu", "calibrate_cpu", "fastirl_gpu",
+           "fastirl_cpu", "torch_backend", "CUDA_FASTIRL", "variant_name", "gemm",
+           "elementwise", "ISZ", "GPUS", "torch_has_addmm_out_dtype"]
 
 ISZ = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 _ISZ = ISZ
@@ -414,7 +414,7 @@ def _engine_extras(s: Shape, hw: Hardware, opts: Options, chunks: int, *,
     return ops
 
 
-def _fastirl_gpu(backend: str, preset: str, s: Shape, hw: Hardware, opts: Options, *,
+def fastirl_gpu(backend: str, preset: str, s: Shape, hw: Hardware, opts: Options, *,
                  softcap: bool, single_pass: bool) -> tuple[list[Op], float, str]:
     """(ops, peak extra bytes, note) of fastirl backend ``backend`` on a GPU."""
     dev = _device_info(hw)
@@ -452,11 +452,11 @@ def _fastirl_gpu(backend: str, preset: str, s: Shape, hw: Hardware, opts: Option
         peak = grads + N * H * 4 + (0 if preset == "fast" else min(rows, N) * cols * s.isz)
         return ops, peak, f"{chunks} engine chunks"
     if backend == "torch":
-        return _torch_backend(s, hw, opts, softcap=softcap, epi="exp2")
+        return torch_backend(s, hw, opts, softcap=softcap, epi="exp2")
     raise ValueError(f"roofline: unknown fastirl backend {backend!r}")
 
 
-def _torch_backend(s: Shape, hw: Hardware, opts: Options, *, softcap: bool, epi: str,
+def torch_backend(s: Shape, hw: Hardware, opts: Options, *, softcap: bool, epi: str,
                    chunk_size: int | None = None) -> tuple[list[Op], float, str]:
     """fastirl's pure-PyTorch backend: per chunk a GEMM, a float32 copy of the
     block, ~6 element-wise passes (max, sub, exp, sum, scale, one-hot), a
@@ -496,7 +496,7 @@ def _chunks(n: int, rows: int) -> list[int]:
     return out
 
 
-def _fastirl_cpu(s: Shape, hw: Hardware, *, softcap: bool,
+def fastirl_cpu(s: Shape, hw: Hardware, *, softcap: bool,
                  chunk_size: int | None = None) -> tuple[list[Op], float, str]:
     """fastirl's "cpu" backend: per chunk the logits GEMM (block in the input
     dtype), the statistics and gradient epilogues (one read; one read + write),
@@ -533,104 +533,12 @@ def _fastirl_cpu(s: Shape, hw: Hardware, *, softcap: bool,
 
 # The fastirl CUDA backends x presets of the model ("fast" only where it
 # changes the launches: the fused backward's atomics).
-_CUDA_FASTIRL = [("cuda", "default"), ("cuda", "highest"), ("triton", "default"),
+CUDA_FASTIRL = [("cuda", "default"), ("cuda", "highest"), ("triton", "default"),
                  ("triton", "highest"), ("triton-fused", "default"), ("triton-fused", "fast"),
                  ("torch", "default")]
 
 
-def _variant_name(backend: str, preset: str) -> str:
+def variant_name(backend: str, preset: str) -> str:
     return f"fastirl-{backend}" + ("" if preset == "default" else f"-{preset}")
 
 
-def cuda_variants() -> list[str]:
-    """The variants of the sweep tables: fastirl's CUDA backends, the anchors
-    fastirl-bench measures on CUDA, the floor."""
-    return ([_variant_name(b, p) for b, p in _CUDA_FASTIRL]
-            + ["liger", "cce", "naive", "matmul-floor"])
-
-
-def cpu_variants() -> list[str]:
-    return ["fastirl-cpu", "fastirl-torch", "naive", "matmul-floor"]
-
-
-def _split(variant: str) -> tuple[str, str]:
-    rest = variant[len("fastirl-"):]
-    for preset in ("fast", "highest"):
-        if rest.endswith("-" + preset):
-            return rest[: -len(preset) - 1], preset
-    return rest, "default"
-
-
-def predict(variant: str, s: Shape, hw: Hardware, *, softcap: bool = False,
-            single_pass: bool = True, chunk_size: int | None = None,
-            options: Options | None = None, **peer_kw) -> Prediction:
-    """The modelled launches of ``variant`` (a fastirl-bench variant name, or a
-    peer of :data:`fastirl.bench.peers.PEERS`) at ``s``.  chunk_size: the
-    engine's explicit chunk_size (CPU variants), else the policy's."""
-    from . import peers
-
-    opts = options or DEFAULT_OPTIONS
-    mode = "IQ"
-    if variant in peers.PEERS:
-        ops, peak, note, mode = peers.PEERS[variant](s, hw, opts, softcap=softcap, **peer_kw)
-    elif variant.startswith("fastirl-"):
-        backend, preset = _split(variant)
-        if backend.endswith("-ce"):
-            backend, mode = backend[:-3], "CE"
-        if hw.kind == "cpu":
-            if backend == "cpu":
-                ops, peak, note = _fastirl_cpu(s, hw, softcap=softcap, chunk_size=chunk_size)
-            elif backend == "torch":
-                ops, peak, note = _torch_backend(s, hw, opts, softcap=softcap, epi="poly",
-                                                 chunk_size=chunk_size)
-            else:
-                raise ValueError(f"roofline: {variant!r} is not a CPU variant")
-        else:
-            ops, peak, note = _fastirl_gpu(backend, preset, s, hw, opts, softcap=softcap,
-                                           single_pass=single_pass)
-    else:
-        raise ValueError(f"roofline: unknown variant {variant!r}")
-    return Prediction(variant, mode, ops, hw, s, peak, note, calibrated=opts.calibrated)
-
-
-def predict_all(s: Shape, hw: Hardware, variants: list[str] | None = None,
-                **kw) -> list[Prediction]:
-    names = variants or (cuda_variants() if hw.kind == "cuda" else cpu_variants())
-    preds = [predict(v, s, hw, **kw) for v in names]
-    floor = predict("matmul-floor", s, hw, options=kw.get("options")).seconds
-    for p in preds:
-        p.vs_floor = p.seconds / floor
-    return preds
-
-
-def bench_hardware(device: torch.device, threads: int | None = None) -> Hardware:
-    """The figures ``fastirl-bench`` predicts with: this CPU calibrated (about
-    two seconds), or the known GPU matching the CUDA device's name."""
-    if device.type == "cpu":
-        return calibrate_cpu(seconds=2.0, threads=threads)
-    return chunking.hardware_for(device)
-
-
-def predict_ms(variant: str, *, tokens: int, hidden: int, vocab: int, dtype: str,
-               hw: Hardware, loss_preset: str = "default", inputs: str = "lm") -> float | None:
-    """Predicted forward+backward milliseconds of a ``fastirl-bench`` variant,
-    or None for the variants the model does not cover on this device."""
-    name = variant[:-3] if variant.startswith("fastirl-") and variant.endswith("-ce") else variant
-    if name.startswith("fastirl-") and loss_preset != "default":
-        if hw.kind == "cpu":
-            return None
-        name = f"{name}-{loss_preset}"
-    known = cpu_variants() if hw.kind == "cpu" else cuda_variants()
-    if name not in known:
-        return None
-    opts = replace(DEFAULT_OPTIONS, inputs=inputs, addmm_out_dtype=torch_has_addmm_out_dtype())
-    try:
-        p = predict(name, Shape(tokens, hidden, vocab, dtype), hw, options=opts)
-    except (ValueError, ImportError):
-        return None
-    return p.seconds * 1e3
-
-
-def sweep(base: Shape, hw: Hardware, tokens: list[int], variants: list[str] | None = None,
-          **kw) -> dict[int, list[Prediction]]:
-    return {n: predict_all(replace(base, tokens=n), hw, variants, **kw) for n in tokens}

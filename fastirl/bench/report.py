@@ -236,7 +236,7 @@ def add_predictions(rows: list[dict], hw, loss_preset: str = "default",
                     inputs: str = "lm") -> None:
     """predicted_ms of the cost model (fastirl.bench.model, calibrated) beside
     the measured forward+backward, for the variants it models on this device."""
-    from . import model
+    from . import predict as model
     for r in rows:
         if r["status"] != "ok":
             continue

@@ -29,9 +29,9 @@ from fastirl.backends.hardware import GPUS
 
 from . import calibration as CAL
 from .model import (DEFAULT_OPTIONS, ISZ, Op, Options, Prediction, Shape,  # noqa: F401
-                    bench_hardware, calibrate_cpu, cpu_variants, cuda_variants, elementwise,
-                    gemm, gpu, predict, predict_all, predict_ms, sweep,
-                    torch_has_addmm_out_dtype)
+                    calibrate_cpu, elementwise, gemm, gpu, torch_has_addmm_out_dtype)
+from .predict import (bench_hardware, cpu_variants, cuda_variants, predict,  # noqa: F401
+                      predict_all, predict_ms, sweep)
 from .report import markdown_table, text_table, write_rows
 
 __all__ = ["Op", "Shape", "Prediction", "Options", "gpu", "calibrate_cpu", "cuda_variants",
