@@ -222,7 +222,7 @@ def test_finished_jobs_are_skipped_and_locks_respected(tmp_path, capsys):
                                                    "host": __import__("socket").gethostname()})
     assert grid.status(other, results, sizes) == "pending"
     assert grid._take_lock(other.path(results) + ".lock")
-    example.main(["--smoke", "--results", results, "--jobs-list"])
+    example.main(["--smoke", "--results", results, "--jobs-list", "--seeds", "0,1"])
     out = capsys.readouterr().out
     assert "main/mle-seed0" in out and "stale" in out and "running" in out
 
@@ -290,12 +290,15 @@ def _fake_result(job, rng):
 
 def test_report_and_plots_on_partial_results(tmp_path, capsys):
     """--report and --plot-only work on whatever files exist (here: made-up ones,
-    main with two seeds but no resources, one overfit setting, no gamma)."""
+    two seeds of some settings, a job still running, no resources)."""
     pytest.importorskip("matplotlib")
     results = str(tmp_path)
     rng = random.Random(0)
-    jobs = [grid.Job("main", "base")] + [grid.Job("main", s, seed) for s in ("mle", "iq-0.01")
-                                         for seed in (0, 1)] + [grid.Job("overfit", "mle", 0)]
+    jobs = [grid.Job("main", "base")]
+    for seed in (0, 1):
+        jobs += [grid.Job("main", "mle", seed), grid.Job("main", "iq-0.01", seed),
+                 grid.Job("overfit", "mle", seed), grid.Job("overfit", "iq-0.1", seed),
+                 grid.Job("gamma", "iq-0.01-g0.95", seed)]
     for job in jobs:
         grid.write_json(job.path(results), _fake_result(job, rng))
     grid.write_json(grid.Job("main", "iq-0.1-warmup", 0).path(results) + ".partial.json",
@@ -303,11 +306,20 @@ def test_report_and_plots_on_partial_results(tmp_path, capsys):
     example.main(["--smoke", "--results", results, "--report"])
     md = capsys.readouterr().out
     for title in ("Main: final evaluation", "Main: differences to MLE",
-                  "Main: quality and diversity per temperature", "Overfitting: summary",
-                  "Rewards of the T = 1 samples", "First steps"):
+                  "Main: diversity at matched quality", "Main: quality and diversity per temperature",
+                  "Main: learning curves", "Overfitting: summary", "Overfitting: per epoch",
+                  "Rewards of the T = 1 samples", "First steps", "Runs"):
         assert f"### {title}" in md, title
     assert "IQ λ=0.1, warm-up" not in md
     assert "Resources of one training step" not in md
+    # two seeds: standard errors, bootstrap intervals and Welch p-values are filled in
+    rows = [line for line in md.splitlines() if line.startswith("| greedy accuracy | IQ λ=0.01")]
+    assert len(rows) == 1 and "[" in rows[0] and "–" not in rows[0], rows
+    decay = [line.split(" | ") for line in md.splitlines()
+             if line.startswith("| decay (best − last 3) | IQ λ=0.1 |")]
+    assert len(decay) == 1 and decay[0][2] != "–" and decay[0][4] != "–", decay  # Welch only
+    assert any(line.startswith("| IQ λ=0.01, γ=0.95 | 0.95 | 0.95 (trained) | 2 |")
+               for line in md.splitlines())
     example.main(["--smoke", "--results", results, "--plot-only"])
     for name in ("figure.png", "details.png", "tables.md"):
         assert os.path.getsize(os.path.join(results, name)) > 1000, name
@@ -382,8 +394,8 @@ def test_smoke_run_writes_every_result(tmp_path, capsys):
 
     # resumable: a rerun skips every finished job; --plot-only works on a partial grid
     t0 = time.time()
-    example.main(["--smoke", "--results", results, "--only", "main/mle-seed1"])
+    example.main(["--smoke", "--results", results, "--only", "main/mle-seed0"])
     assert "skipped" in capsys.readouterr().out and time.time() - t0 < 5
-    os.remove(grid.Job("main", "mle", 1).path(results))
+    os.remove(grid.Job("main", "mle", 0).path(results))
     example.main(["--smoke", "--results", results, "--plot-only"])
     assert "### Main: final evaluation" in capsys.readouterr().out

@@ -482,9 +482,10 @@ def _reward_vs_likelihood(runs: dict, gamma: str) -> dict | None:
 
 def table_lambda(data: dict) -> list[str]:
     """What the first steps' logs say, per setting: the material of the lambda rule."""
-    lines = _header(["experiment", "setting", "λ (final)", "nll, steps 1-3", "td_penalty, steps 1-3",
-                     "λ·td / nll at start (final λ)", "steps until td < td₀/10",
-                     "nll at step 25", "td_penalty at step 25", "held-out greedy acc"])
+    lines = _header(["experiment", "setting", "λ", "λ used at steps 1-3 → last",
+                     "nll, steps 1-3", "td_penalty, steps 1-3", "λ·td / nll at start (target λ)",
+                     "steps until td < td₀/10", "nll at step 25", "td_penalty at step 25",
+                     "held-out greedy acc"])
     for e in ("main", "gamma", "overfit"):
         for s in _ordered(data[e], e):
             rs = [r for r in data[e][s].values() if "train_log" in r]
@@ -503,7 +504,10 @@ def table_lambda(data: dict) -> list[str]:
                        for r in rs]
             else:
                 acc = [statistics.fmean(r["eval"]["greedy_correct"]) for r in rs]
-            lines.append(_row([e, _label(s), "relative" if lam is None else lam,
+            used = [r["train_log"]["td_weight"] for r in rs]
+            used = (f"{fmt(_mean([statistics.fmean(u[:3]) for u in used]), digits=4)} → "
+                    f"{fmt(_mean([u[-1] for u in used]), digits=4)}")
+            lines.append(_row([e, _label(s), "relative" if lam is None else lam, used,
                                fmt_ms(nll0, 2), fmt_ms(td0, 1), fmt_ms(ratio, 2),
                                fmt_ms(fall, 1), fmt_ms(at25("nll"), 2), fmt_ms(at25("td_penalty"), 1),
                                fmt_ms(acc)]))
