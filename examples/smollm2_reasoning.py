@@ -139,13 +139,13 @@ def main(argv: list[str] | None = None) -> None:
                          smoke=a.smoke)
         return
     t0 = time.time()
-    if a.smoke:                      # in this process: the model is loaded once
+    if a.smoke and a.workers <= 1:   # in this process: the model is loaded once
         for job in job_list:
             grid.run_job(job, a.results, threads=a.threads, backend=a.backend, smoke=True)
-    else:
+    else:                            # every job in its own process
         grid.run_pending(job_list, a.results, workers=a.workers, threads=a.threads,
-                         backend=a.backend, entry=os.path.abspath(__file__),
-                         on_finish=lambda: redraw(a.results, False, quiet=True))
+                         backend=a.backend, entry=os.path.abspath(__file__), smoke=a.smoke,
+                         on_finish=lambda: redraw(a.results, a.smoke, quiet=True))
     print(redraw(a.results, a.smoke))
     print(f"{len(job_list)} job(s) in {a.results}, {time.time() - t0:.0f}s", flush=True)
 

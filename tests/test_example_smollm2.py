@@ -227,6 +227,50 @@ def test_finished_jobs_are_skipped_and_locks_respected(tmp_path, capsys):
     assert "main/mle-seed0" in out and "stale" in out and "running" in out
 
 
+FAKE_ENTRY = """
+import json, os, sys, time
+args = sys.argv[1:]
+sys.path.insert(0, {examples!r})
+from smollm2 import grid
+job = grid.Job.parse(args[args.index("--only") + 1])
+results = args[args.index("--results") + 1]
+t0 = time.time()
+time.sleep(0.3)
+grid.write_json(job.path(results), {{"sizes": grid.sizes_for(job.experiment, "--smoke" in args),
+                                    "start": t0, "end": time.time(), "argv": args}})
+print("ran", job.id)
+"""
+
+
+def test_workers_run_each_pending_job_once_and_resources_alone(tmp_path):
+    """run_pending starts ``entry --only <job>`` per pending job (here a stand-in
+    entry that only writes the file), skips finished ones, runs the resources job
+    alone, and writes each job's output to logs/."""
+    entry = tmp_path / "entry.py"
+    entry.write_text(FAKE_ENTRY.format(examples=EXAMPLES))
+    results = str(tmp_path / "results")
+    jobs = grid.jobs(["main"], smoke=True)
+    assert [j.id for j in jobs] == ["main/base", "main/resources", "main/mle-seed0",
+                                    "main/iq-0.1-warmup-seed0"]
+    done = jobs[2]
+    grid.write_json(done.path(results), {"sizes": grid.sizes_for("main", True), "kept": True})
+    finished = []
+    grid.run_pending(jobs, results, workers=2, threads=1, backend="auto", entry=str(entry),
+                     smoke=True, on_finish=lambda: finished.append(1), poll_s=0.1)
+    assert grid.read_json(done.path(results)) == {"sizes": grid.sizes_for("main", True),
+                                                  "kept": True}
+    runs = {j.id: grid.read_json(j.path(results)) for j in jobs if j != done}
+    assert all(r["argv"][:4] == ["--only", j, "--threads", "1"] and "--smoke" in r["argv"]
+               for j, r in runs.items())
+    assert len(finished) == 3
+    res = runs["main/resources"]
+    for j, r in runs.items():           # nothing overlaps the resources job
+        if j != "main/resources":
+            assert r["end"] <= res["start"] or r["start"] >= res["end"], j
+    logs = sorted(os.listdir(os.path.join(results, "logs")))
+    assert logs == ["main_base.log", "main_iq-0.1-warmup-seed0.log", "main_resources.log"]
+
+
 def _fake_entry(rng, n_prompts, k):
     correct = [[int(rng.random() < 0.4) for _ in range(k)] for _ in range(n_prompts)]
     return {"correct": correct, "self_bleu": [rng.random() for _ in correct],

@@ -474,7 +474,8 @@ def _run_overfit(job, base, tok, sizes, threads, backend, progress) -> None:
 
 
 def run_pending(job_list: list[Job], results: str, *, workers: int, threads: int,
-                backend: str, entry: str, on_finish=None) -> None:
+                backend: str, entry: str, smoke: bool = False, on_finish=None,
+                poll_s: float = 5.0) -> None:
     """Runs every pending job in its own process (``entry --only <id>``), at most
     ``workers`` at a time; the output of each goes to ``<results>/logs/``.  The
     resources job, whose throughput needs a quiet machine, runs alone."""
@@ -482,7 +483,7 @@ def run_pending(job_list: list[Job], results: str, *, workers: int, threads: int
     logs = os.path.join(results, "logs")
     os.makedirs(logs, exist_ok=True)
     pending = [j for j in job_list
-               if status(j, results, sizes_for(j.experiment)) in ("pending", "stale")]
+               if status(j, results, sizes_for(j.experiment, smoke)) in ("pending", "stale")]
     running: list[tuple[Job, subprocess.Popen]] = []
     print(f"{len(pending)} pending job(s), {workers} worker(s) x {threads} thread(s)", flush=True)
     while pending or running:
@@ -493,12 +494,12 @@ def run_pending(job_list: list[Job], results: str, *, workers: int, threads: int
             job = pending.pop(0)
             log = open(os.path.join(logs, job.id.replace("/", "_") + ".log"), "a")
             cmd = [sys.executable, entry, "--only", job.id, "--threads", str(threads),
-                   "--backend", backend, "--results", results]
+                   "--backend", backend, "--results", results] + (["--smoke"] if smoke else [])
             running.append((job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
             log.close()
             print(f"{time.strftime('%H:%M')} started {job.id}", flush=True)
             exclusive = job.setting == "resources"
-        time.sleep(5)
+        time.sleep(poll_s)
         for job, proc in list(running):
             if proc.poll() is not None:
                 running.remove((job, proc))
