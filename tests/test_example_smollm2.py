@@ -271,6 +271,25 @@ def test_workers_run_each_pending_job_once_and_resources_alone(tmp_path):
     assert logs == ["main_base.log", "main_iq-0.1-warmup-seed0.log", "main_resources.log"]
 
 
+def test_a_killed_job_leaves_no_lock_and_no_result(tmp_path):
+    import signal
+    import subprocess
+    results = str(tmp_path)
+    job = grid.Job("main", "base")
+    proc = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "smollm2_reasoning.py"),
+                             "--smoke", "--results", results, "--only", job.id],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = job.path(results) + ".lock"
+    for _ in range(600):
+        if os.path.exists(lock) or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert os.path.exists(lock)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert not os.path.exists(lock) and not os.path.exists(job.path(results))
+
+
 def _fake_entry(rng, n_prompts, k):
     correct = [[int(rng.random() < 0.4) for _ in range(k)] for _ in range(n_prompts)]
     return {"correct": correct, "self_bleu": [rng.random() for _ in correct],

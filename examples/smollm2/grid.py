@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import statistics
 import sys
@@ -262,6 +263,15 @@ def environment(threads: int, backend: str) -> dict:
             "threads": threads, "backend": backend, "host": socket.gethostname()}
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (kill, timeout) ends the process through SystemExit, so that the
+    ``finally`` blocks run: a killed job removes its lock, the runner stops its jobs."""
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    except ValueError:               # not the main thread: leave the handler alone
+        pass
+
+
 def run_job(job: Job, results: str, *, threads: int = 1, backend: str = "auto",
             smoke: bool = False) -> str:
     """Runs one job unless it is done or running elsewhere; its progress goes to
@@ -273,6 +283,7 @@ def run_job(job: Job, results: str, *, threads: int = 1, backend: str = "auto",
         print(f"[{job.id}] {state}: skipped", flush=True)
         return state
     lock = path + ".lock"
+    _exit_on_sigterm()
     if not _take_lock(lock):
         print(f"[{job.id}] running elsewhere: skipped", flush=True)
         return "running"
@@ -486,6 +497,21 @@ def run_pending(job_list: list[Job], results: str, *, workers: int, threads: int
                if status(j, results, sizes_for(j.experiment, smoke)) in ("pending", "stale")]
     running: list[tuple[Job, subprocess.Popen]] = []
     print(f"{len(pending)} pending job(s), {workers} worker(s) x {threads} thread(s)", flush=True)
+    _exit_on_sigterm()
+    try:
+        _schedule(pending, running, results, workers, threads, backend, entry, smoke, on_finish,
+                  poll_s, logs)
+    finally:                         # stopped (Ctrl-C, kill): stop the running jobs too
+        for job, proc in running:
+            proc.terminate()
+            print(f"stopped {job.id}", flush=True)
+        for _, proc in running:
+            proc.wait()
+
+
+def _schedule(pending, running, results, workers, threads, backend, entry, smoke, on_finish,
+              poll_s, logs) -> None:
+    import subprocess
     while pending or running:
         exclusive = any(j.setting == "resources" for j, _ in running)
         while pending and len(running) < workers and not exclusive:
