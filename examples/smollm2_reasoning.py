@@ -42,9 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from smollm2 import grid, report  # noqa: E402
-from smollm2.grid import EXPERIMENTS, SETTINGS, Job  # noqa: E402,F401
-from smollm2.metrics import final_answer, solution_path  # noqa: E402,F401
-from smollm2.task import TEMPLATES, chat_example, make_split  # noqa: E402,F401
+from smollm2.grid import EXPERIMENTS, SETTINGS, Job  # noqa: E402
 
 
 def selected_jobs(a) -> list[Job]:

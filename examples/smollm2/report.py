@@ -141,26 +141,25 @@ def _mean(values) -> float:
 # ============================================================================ comparisons
 
 
-def _arrays(runs: dict, seeds: list[int], fn) -> list[list[float]]:
-    return [fn(runs[s]) for s in seeds]
-
-
 def compare(runs_a: dict, runs_b: dict, fn, stat=None) -> dict | None:
-    """setting a - setting b of a per-unit metric ``fn(result) -> list`` (one value
-    per problem or prompt), over the seeds both have: the paired bootstrap and
-    Welch's test on the per-seed means.  ``stat(take, arrays)`` replaces the mean
-    for statistics that are not a mean of units."""
+    """setting a - setting b over the seeds both have: the paired bootstrap and
+    Welch's test on the per-seed values.
+
+    ``fn(result)`` gives a run's per-unit values (one per held-out problem or
+    prompt: the last axis); ``stat(take, arrays)`` turns the (seeds x ... x units)
+    arrays into the statistic, reading every (seeds x units) slice through
+    ``take`` (which resamples it); the default is the mean of all units."""
     import numpy as np
     seeds = sorted(set(runs_a) & set(runs_b))
     if len(seeds) < 2:
         return None
-    a, b = _arrays(runs_a, seeds, fn), _arrays(runs_b, seeds, fn)
+    a = np.asarray([fn(runs_a[s]) for s in seeds], dtype=float)
+    b = np.asarray([fn(runs_b[s]) for s in seeds], dtype=float)
     stat = stat or (lambda take, arr: float(np.mean(take(arr))))
     boot = paired_bootstrap(lambda take: stat(take, a), lambda take: stat(take, b),
-                            len(seeds), len(a[0]), reps=BOOT_REPS)
-    ident = lambda arr: np.asarray(arr, dtype=float)  # noqa: E731
-    welch = welch_t_test([stat(lambda arr, i=i: ident(arr)[[i]], a) for i in range(len(seeds))],
-                         [stat(lambda arr, i=i: ident(arr)[[i]], b) for i in range(len(seeds))])
+                            len(seeds), a.shape[-1], reps=BOOT_REPS)
+    per_seed = lambda arr: [stat(lambda x, i=i: x[[i]], arr) for i in range(len(seeds))]  # noqa: E731
+    welch = welch_t_test(per_seed(a), per_seed(b))
     return {"seeds": len(seeds), **boot, "p_welch": None if welch is None else welch["p"]}
 
 
@@ -182,47 +181,27 @@ def matched_level(data: dict) -> float | None:
                   for r in mle.values()])
 
 
-def matched_stat(level: float, temps: list[str], metric: str):
-    """A statistic for ``compare``: ``metric`` interpolated at sample accuracy
-    ``level`` along the run's points at the temperatures ``temps``."""
+def matched(level: float, temps: list[str], metric: str):
+    """(fn, stat) for ``compare``: ``metric`` at sample accuracy ``level``,
+    interpolated along a run's points at the temperatures ``temps``."""
     import numpy as np
 
-    def fn(result):
+    def fn(result):               # temperatures x (sample acc, metric) x prompts
         t = result["eval"]["temperatures"]
-        return [[*sample_acc(t[x]), *PROMPT_METRICS[metric](t[x])] for x in temps]
+        return [[sample_acc(t[x]), PROMPT_METRICS[metric](t[x])] for x in temps]
 
-    def stat(take, arrays):
-        # arrays: seeds x temperatures x (2 x prompts); resample prompts consistently
-        arr = np.asarray(arrays, dtype=float)
-        n = arr.shape[2] // 2
-        acc = [float(np.mean(take(arr[:, j, :n]))) for j in range(len(temps))]
-        val = [float(np.mean(take(arr[:, j, n:]))) for j in range(len(temps))]
+    def stat(take, arr):          # arr: seeds x temperatures x 2 x prompts
+        acc = [float(np.mean(take(arr[:, j, 0]))) for j in range(len(temps))]
+        val = [float(np.mean(take(arr[:, j, 1]))) for j in range(len(temps))]
         return interpolate_at(level, acc, val)
     return fn, stat
 
 
-def compare_matched(runs_a, runs_b, level, temps, metric):
-    """Like ``compare`` for a metric at matched sample accuracy."""
-    import numpy as np
-    fn, stat = matched_stat(level, temps, metric)
-    seeds = sorted(set(runs_a) & set(runs_b))
-    if len(seeds) < 2:
-        return None
-    a, b = [fn(runs_a[s]) for s in seeds], [fn(runs_b[s]) for s in seeds]
-    n_prompts = len(a[0][0]) // 2
-    # take() indexes (seeds x prompts) arrays; matched_stat slices per temperature
-    boot = paired_bootstrap(lambda take: stat(take, a), lambda take: stat(take, b),
-                            len(seeds), n_prompts, reps=BOOT_REPS)
-    per_seed = lambda arrs: [stat(lambda arr, i=i: np.asarray(arr, dtype=float)[[i]], arrs)  # noqa: E731
-                             for i in range(len(seeds))]
-    welch = welch_t_test(per_seed(a), per_seed(b))
-    return {"seeds": len(seeds), **boot, "p_welch": None if welch is None else welch["p"]}
-
-
 def matched_value(runs: dict, level, temps, metric) -> list[float]:
+    """Per seed: ``metric`` at sample accuracy ``level``."""
     import numpy as np
-    fn, stat = matched_stat(level, temps, metric)
-    return [stat(lambda arr: np.asarray(arr, dtype=float), [fn(r)]) for r in runs.values()]
+    fn, stat = matched(level, temps, metric)
+    return [stat(lambda x: x, np.asarray([fn(r)], dtype=float)) for r in runs.values()]
 
 
 # ============================================================================ tables
@@ -306,8 +285,9 @@ def table_significance(data: dict) -> list[str]:
                     lambda r, t=t, m=m: PROMPT_METRICS[m](r["eval"]["temperatures"][t]))))
         if level is not None:
             for m in ("self-BLEU-4", "paths", "correct paths", "pass@k"):
-                rows.append((f"{m} at sample acc = {level:.3f}",
-                             compare_matched(runs[s], runs["mle"], level, temps, m)))
+                name = m.replace("pass@k", f"pass@{z['k']}")
+                rows.append((f"{name} at sample acc = {level:.3f}",
+                             compare(runs[s], runs["mle"], *matched(level, temps, m))))
         for name, c in rows:
             lines.append(_row([name, _label(s), *fmt_compare(c)]))
     return lines
@@ -321,7 +301,8 @@ def table_matched(data: dict) -> list[str]:
     z = grid.sizes_for("main", data.get("smoke", False))
     temps = [str(t) for t in z["temperatures"]]
     metrics = ("self-BLEU-4", "paths", "correct paths", "pass@k")
-    lines = _header(["setting", *[f"{m} at sample acc {level:.3f}" for m in metrics]])
+    lines = _header(["setting", *[f"{m.replace('pass@k', 'pass@' + str(z['k']))} at sample "
+                                  f"acc {level:.3f}" for m in metrics]])
     for s in _ordered(runs, "main"):
         lines.append(_row([_label(s), *[fmt_ms(matched_value(runs[s], level, temps, m),
                                                2 if "paths" in m else 3) for m in metrics]]))
