@@ -8,11 +8,12 @@ import tempfile
 import time
 
 import torch
+from transformers import TrainerCallback
 
 
-class RelativeTDWeight:
-    """A ``transformers.TrainerCallback`` that sets lambda so that the TD term is a
-    fixed fraction of the NLL: after each (logged) step,
+class RelativeTDWeight(TrainerCallback):
+    """Sets lambda so that the TD term is a fixed fraction of the NLL: after each
+    (logged) step,
 
         lambda <- clip(ratio * nll / td_penalty, 0, max_weight)
 
@@ -25,25 +26,18 @@ class RelativeTDWeight:
     warm-up: lambda starts near ratio * nll / td and grows as the TD error shrinks.
     """
 
-    def __new__(cls, *args, **kwargs):
-        # Built lazily on transformers' class so that importing this module is cheap.
-        from transformers import TrainerCallback
+    def __init__(self, ratio: float, max_weight: float = 1.0, smoothing: float = 0.3):
+        self.ratio, self.max_weight, self.smoothing = ratio, max_weight, smoothing
+        self.weight: float | None = None
 
-        class _RelativeTDWeight(TrainerCallback):
-            def __init__(self, ratio: float, max_weight: float = 1.0, smoothing: float = 0.3):
-                self.ratio, self.max_weight, self.smoothing = ratio, max_weight, smoothing
-                self.weight: float | None = None
-
-            def on_log(self, args, state, control, logs=None, model=None, **kw):
-                from fastirl.integrations import set_loss_options
-                if not logs or "nll" not in logs or not logs.get("td_penalty"):
-                    return
-                target = min(self.max_weight, self.ratio * logs["nll"] / logs["td_penalty"])
-                self.weight = target if self.weight is None else \
-                    (1 - self.smoothing) * self.weight + self.smoothing * target
-                set_loss_options(model, td_weight=self.weight)
-
-        return _RelativeTDWeight(*args, **kwargs)
+    def on_log(self, args, state, control, logs=None, model=None, **kw):
+        from fastirl.integrations import set_loss_options
+        if not logs or "nll" not in logs or not logs.get("td_penalty"):
+            return
+        target = min(self.max_weight, self.ratio * logs["nll"] / logs["td_penalty"])
+        self.weight = target if self.weight is None else \
+            (1 - self.smoothing) * self.weight + self.smoothing * target
+        set_loss_options(model, td_weight=self.weight)
 
 
 def train(setting: dict, base, tok, train_ds, *, steps: int | None = None,
@@ -62,7 +56,6 @@ def train(setting: dict, base, tok, train_ds, *, steps: int | None = None,
     each step / epoch (evaluations); ``eval_ds`` is evaluated by the trainer after
     every epoch (its ``eval_nll``).  Returns (the trained model, the log)."""
     import transformers
-    from transformers import TrainerCallback
 
     from fastirl.integrations import IQConfig, IQTrainer
 
