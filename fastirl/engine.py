@@ -23,6 +23,10 @@ import torch
 from . import objective as obj
 from .backends import LogitSpec, resolve_backend
 from .backends.base import Backend, RowStats, acc_dtype
+from .backends.hardware import hardware_for
+from .backends.merge import combine
+from .memory import MemoryPlan
+from .memory import plan as memory_plan
 from .options import IQOptions, RunOptions
 
 
@@ -54,6 +58,8 @@ class _Job:
     opts: IQOptions
     chunk: int
     dtype: torch.dtype | None = None     # the GEMMs' dtype (rows are cast to it per chunk)
+    memory: "MemoryPlan | None" = None   # "slabs": the gradients of a recompute backward
+                                         # by vocabulary slabs (fastirl.memory)
     # Filled by forward: statistics that are not differentiable outputs.
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -103,6 +109,7 @@ def _collect(stats: list[RowStats], device, dtype) -> dict[str, torch.Tensor | N
         "logit_sum": _cat([s.logit_sum for s in stats], f32),
         "entropy": _cat([s.entropy for s in stats], f32),
         "argmax": _cat([s.argmax for s in stats], torch.zeros(0, dtype=torch.long, device=device)),
+        "max_logit": _cat([s.max_logit for s in stats], f32),
     }
 
 
@@ -135,15 +142,49 @@ def _zeros(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if t is None else t.to(like.dtype)
 
 
+def _slabs(job: _Job, V: int):
+    """(v0, v1) of the vocabulary slabs of the "slabs" plan."""
+    for v0 in range(0, V, job.memory.slab):
+        yield v0, min(V, v0 + job.memory.slab)
+
+
+def _local(targets: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """Targets as columns of the slab [v0, v1), -1 where another slab holds them."""
+    return torch.where((targets >= v0) & (targets < v1), targets - v0,
+                       torch.full_like(targets, -1))
+
+
+def _slab_stats(job: _Job, x, w, b) -> list[RowStats]:
+    """The statistics pass of the "slabs" plan: per slab, per block of rows; the
+    slabs' statistics combine into those of the whole vocabulary."""
+    acc = acc_dtype(job.dtype or x.dtype)
+    whole = None
+    for v0, v1 in _slabs(job, w.shape[0]):
+        parts = []
+        for s, e, _ in job.chunks():
+            st, _ = job.backend.forward(job.rows(x, s, e), w[v0:v1],
+                                        None if b is None else b[v0:v1],
+                                        _local(job.plan.targets[s:e], v0, v1), job.spec,
+                                        keep=False)
+            if st.argmax is not None:
+                st.argmax = st.argmax + v0
+            parts.append(st)
+        out = _collect(parts, x.device, acc)
+        slab = RowStats(out["value"], out["target_logit"], out["entropy"], out["argmax"],
+                        out["max_logit"], logit_sum=out["logit_sum"])
+        whole = slab if whole is None else combine([whole, slab], job.spec.temperature)
+    return [whole]
+
+
 class _RowStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, job: _Job, x, weight, bias):
         w, b = _operands(job, weight, bias)
-        stats = []
-        for s, e, _ in job.chunks():
-            st, _ = job.backend.forward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
-                                        job.spec, keep=False)
-            stats.append(st)
+        if job.memory is not None and job.memory.mode == "slabs" and job.plan.n:
+            stats = _slab_stats(job, x, w, b)
+        else:
+            stats = [job.backend.forward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
+                                         job.spec, keep=False)[0] for s, e, _ in job.chunks()]
         out = _collect(stats, x.device, acc_dtype(job.dtype or x.dtype))
         job.extras.update(entropy=out["entropy"], argmax=out["argmax"])
         ctx.job = job
@@ -158,6 +199,9 @@ class _RowStats(torch.autograd.Function):
         x, weight, bias, value = ctx.saved_tensors
         w, b = _operands(job, weight, bias)
         grad_value, grad_target = _zeros(grad_value, value), _zeros(grad_target, value)
+        if job.memory is not None and job.memory.mode == "slabs":
+            return (None, *_slab_backward(job, ctx.needs_input_grad[1:], x, weight, bias, w, b,
+                                          value, grad_value, grad_target, grad_sum))
         dx, dw, db = _grad_buffers(job, x, weight, bias, ctx.needs_input_grad[1:])
         for s, e, _ in job.chunks():
             dx_c = job.backend.backward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
@@ -167,6 +211,43 @@ class _RowStats(torch.autograd.Function):
             if dx is not None:
                 job.put(dx, s, e, dx_c)
         return (None, dx, *_finish(dw, weight, db, bias))
+
+
+def _slab_backward(job: _Job, need, x, weight, bias, w, b, value, grad_value, grad_target,
+                   grad_sum):
+    """The "slabs" plan's gradients: per slab of S vocabulary columns, per block
+    of r rows, the backend recomputes the (r, S) logits block with the global
+    soft values and turns it into dz; dW[slab] accumulates in a float32 (S, H)
+    buffer and is written out once, dx accumulates in float32 over the slabs.
+    The one-hot term reaches a row only in the slab that holds its target."""
+    need_x, need_w, need_b = need
+    mp, plan = job.memory, job.plan
+    V, H = w.shape
+    acc = acc_dtype(job.dtype or x.dtype)
+    dx_acc = torch.zeros((plan.n, H), dtype=acc, device=x.device) if need_x else None
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    db = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
+          if need_b and bias is not None else None)
+    for v0, v1 in _slabs(job, V):
+        dw_s = torch.zeros((v1 - v0, H), dtype=acc, device=w.device) if need_w else None
+        for s in range(0, plan.n, mp.slab_rows):
+            e = min(plan.n, s + mp.slab_rows)
+            dx_c = job.backend.backward(job.rows(x, s, e), w[v0:v1],
+                                        None if b is None else b[v0:v1],
+                                        _local(plan.targets[s:e], v0, v1), value[s:e],
+                                        grad_value[s:e], grad_target[s:e], job.spec, None,
+                                        need_x=need_x, dweight=dw_s,
+                                        dbias=None if db is None else db[v0:v1],
+                                        **_sum_kw(grad_sum, s, e))
+            if need_x:
+                dx_acc[s:e].add_(dx_c)
+        if need_w:
+            dw[v0:v1].copy_(dw_s)
+    dx = None
+    if need_x:
+        dx = torch.zeros_like(x)
+        job.put(dx, 0, plan.n, dx_acc)
+    return dx, dw, None if db is None else db.to(bias.dtype)
 
 
 def _sum_kw(grad_sum: torch.Tensor | None, s: int, e: int) -> dict:
@@ -266,12 +347,21 @@ def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: IQOptions, *,
     be = resolve_backend(backend, hidden2d.device)
     spec = _spec(opts, preset, want_metrics, logit_sum)
     V, H = weight.shape
+    grad = torch.is_grad_enabled()
+    need_x, need_w = grad and hidden2d.requires_grad, grad and weight.requires_grad
+    wants_grad = need_x or need_w or (grad and bias is not None and bias.requires_grad)
     chunk = be.rows_per_chunk(plan.n, V, H, dtype, run.chunk_size) if plan.n else 1
-    job = _Job(be, spec, plan, opts, chunk, dtype)
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden2d, weight, bias))
+    mp = None
+    if plan.n and run.chunk_size is None and run.memory != "fast":
+        mp = memory_plan(plan.n, V, H, dtype, memory=run.memory, need_x=need_x,
+                         need_weight=need_w, hardware=hardware_for(hidden2d.device),
+                         block_itemsize=getattr(be, "block_itemsize", lambda d: None)(dtype),
+                         weight_itemsize=weight.element_size(), rows_fast=chunk,
+                         slabs_allowed=isinstance(backend, str))
+        chunk = mp.rows
+    job = _Job(be, spec, plan, opts, chunk, dtype, mp)
     if single_pass is None:
-        single_pass = wants_grad and opts.reduction != "none"
+        single_pass = wants_grad and opts.reduction != "none" and (mp is None or mp.mode == "rows")
     if single_pass:
         loss = _SinglePass.apply(job, hidden2d, weight, bias)
         rows = job.extras

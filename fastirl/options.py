@@ -118,8 +118,9 @@ class Run(TypedDict, total=False):
         None, "Rows per chunk (default: the planner's choice for `memory`).", 1, math.inf,
         config="loss_chunk_size")]
     memory: Annotated[Memory | int, Opt(
-        "balanced", "Working memory: 'fast', 'balanced', 'compact' (see docs/memory.md), or a "
-                    "budget in bytes the planner must fit.", 1, math.inf, config="loss_memory")]
+        "fast", "Working memory beyond inputs and outputs: 'fast', 'balanced', 'compact' "
+                "(docs/memory.md), or a budget in bytes the planner must meet.", 1, math.inf,
+        config="loss_memory")]
 
 
 class Head(TypedDict, total=False):

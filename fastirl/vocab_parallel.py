@@ -66,6 +66,7 @@ import torch.distributed as dist
 
 from .backends import resolve_backend
 from .backends.base import Backend, LogitSpec, RowStats
+from .backends.merge import combine
 
 __all__ = ["vocab_parallel", "VocabParallelBackend", "check_same_batch", "shard_call",
            "fail_together"]
@@ -200,32 +201,15 @@ class VocabParallelBackend:
             if not ids_apart:       # global ids are exact in fdt: one collective for all
                 fields.append((st.argmax + self.start).to(fdt))
         g = _all_gather(torch.stack(fields), self.group)   # (world, fields, n)
-        tau = spec.temperature
-        vk = g[:, 0]
-        m = vk.amax(dim=0)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        ek = torch.exp((vk - m) / tau)
-        s = ek.sum(dim=0)
-        v = m + tau * torch.log(s)
-        wk = ek / s                                        # shard policy masses
-        q = g[:, 1].sum(dim=0)
-        i = 2
-        entropy = argmax = max_logit = logit_sum = None
-        if spec.entropy:
-            hk = g[:, i]
-            entropy = (wk * (hk - (vk - v) / tau)).sum(dim=0)
-            i += 1
-        if spec.logit_sum:                                 # sums over the shards add up
-            logit_sum = g[:, i].sum(dim=0)
-            i += 1
+        cols = iter(range(2, g.shape[1]))
+        pick = lambda on: [None] * self.world if not on else list(g[:, next(cols)])  # noqa: E731
+        ent, lsum, maxl = pick(spec.entropy), pick(spec.logit_sum), pick(spec.argmax)
+        ids = [None] * self.world
         if spec.argmax:
-            mk = g[:, i]
-            max_logit = mk.amax(dim=0)
-            first = (mk == max_logit).to(torch.int8).argmax(dim=0)   # first rank holding it
-            ids = (_all_gather(st.argmax + self.start, self.group) if ids_apart
-                   else g[:, i + 1].to(torch.int64))
-            argmax = ids.gather(0, first.unsqueeze(0)).squeeze(0)
-        stats = RowStats(v, q, entropy, argmax, max_logit, logit_sum=logit_sum)
+            ids = list(_all_gather(st.argmax + self.start, self.group) if ids_apart
+                       else g[:, next(cols)].to(torch.int64))
+        stats = combine([RowStats(g[r, 0], g[r, 1], ent[r], ids[r], maxl[r], logit_sum=lsum[r])
+                         for r in range(self.world)], spec.temperature)
         # keep=True: the inner state belongs to the shard's own value V_r
         return stats, (state, value) if keep else None
 
