@@ -423,7 +423,7 @@ def _choices_text(opt: Option) -> str:
     if opt.scalar:
         return f"number in {_interval(opt.spec)} or 0-d CPU tensor"
     if opt.tensor:
-        return "tensor"
+        return "number or scalar tensor" if _allows(opt.type, int) else "tensor"
     if _allows(opt.type, bool):
         return "bool"
     if opt.spec.low is not None:
@@ -460,3 +460,22 @@ def decode(static: str, scalars: torch.Tensor, tensors: list) -> tuple[IQOptions
     kw.update(zip(TENSOR_OPTION_NAMES, tensors))
     return (IQOptions(**{n: kw[n] for n in OBJECTIVE_NAMES}),
             RunOptions(**{n: kw[n] for n in RUN_NAMES}))
+
+
+def markdown() -> str:
+    """docs/options.md: every option, by group (``python -m fastirl.options``)."""
+    parts = ["# Options", "",
+             "Generated from `fastirl/options.py` by `python -m fastirl.options > "
+             "docs/options.md`; a test checks it is current.", ""]
+    titles = {"Head": "Per-call tensors: the head", "Sequences": "Per-call tensors: sequences",
+              "Samples": "Per-call tensors: online data and normalisation",
+              "Values": "Values and rewards (every entry point)",
+              "Loss": "The objective (loss functions)", "Weighting": "Class weights",
+              "Run": "How it is computed"}
+    for group in (Head, Sequences, Samples, Values, Loss, Weighting, Run):
+        parts += [f"## {titles[group.__name__]}", "", options_table(group, markdown=True), ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

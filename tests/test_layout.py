@@ -105,3 +105,8 @@ def test_a_misspelt_option_fails_at_every_entry_point():
                  lambda: fastirl.LinearIQLoss(td_wieght=0.1)):
         with pytest.raises((ValueError, TypeError)):
             make()
+
+
+def test_options_doc_is_generated_from_the_declaration():
+    doc = (ROOT.parent / "docs" / "options.md").read_text()
+    assert doc == fo.markdown(), "run: python -m fastirl.options > docs/options.md"
