@@ -107,12 +107,14 @@ def linear(hidden, weight, bias, *, mixed_ok: bool = False) -> None:
             raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
 
 
-def class_weights(ce_weight, vocab: int, device: torch.device) -> None:
-    """``ce_weight``: a (vocab,) float tensor on the inputs' device."""
+def class_weights(ce_weight, vocab: int | None, device: torch.device) -> None:
+    """``ce_weight``: a (vocab,) float tensor on the inputs' device (``vocab``
+    None: a length checked elsewhere)."""
     if ce_weight is None:
         return
     tensor("ce_weight", ce_weight, ndim=1, floating=True)
-    shape("ce_weight", ce_weight, (vocab,), "one weight per vocabulary entry")
+    if vocab is not None:
+        shape("ce_weight", ce_weight, (vocab,), "one weight per vocabulary entry")
     if ce_weight.device != device:
         raise ValueError(f"ce_weight is on {ce_weight.device} but the inputs are on {device}; "
                          f"move them to the same device")

@@ -103,15 +103,16 @@ def _checked(entry: str, main: Tensor, weight, targets: Tensor, kwargs: dict, *,
         raise ValueError("ce_weight together with label_smoothing is not supported: "
                          "F.cross_entropy weighs the smoothing term by the class weights, which "
                          "needs a weighted logit sum per row; use one of the two")
-    check.class_weights(iq.ce_weight, vocab if t.get("process_group") is None else
-                        iq.ce_weight.shape[0] if iq.ce_weight is not None else 0, main.device)
+    # (a weight shard's vocabulary is not the global one: vocab_parallel checks the length)
+    check.class_weights(iq.ce_weight, None if t.get("process_group") is not None else vocab,
+                        main.device)
     call = Call(entry, main, weight, t.get("bias"), targets, t.get("position_ids"),
                 t.get("done"), t.get("is_expert"), num, iq, run, metrics=metrics,
                 predictions=predictions,
                 # under autocast the GEMMs run in its dtype, as F.linear's would (float64
                 # is never cast); logits are read as they are (autocast runs losses in fp32)
-                compute_dtype=autocast if entry != "logits" and autocast is not None
-                and main.dtype != torch.float64 else main.dtype,
+                compute_dtype=main.dtype if autocast is None or main.dtype == torch.float64
+                else autocast,
                 vocab=vocab)
     return call, is_traced
 
