@@ -15,7 +15,8 @@ __all__ = ["unwrap", "text_config", "lm_head", "backbone", "backbone_name", "hid
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside DDP / FSDP-style wrappers and PEFT models."""
+    """The Hugging Face model inside DDP / FSDP1 / DeepSpeed-engine wrappers and
+    PEFT models."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -23,7 +24,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):
             model = model.get_base_model()          # peft.PeftModel
-        elif type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module"):
+        elif type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine") and \
+                hasattr(model, "module"):
             model = model.module
     return model
 
@@ -50,7 +52,9 @@ def lm_head(model: nn.Module) -> nn.Module:
             f"get_output_embeddings() returned None: it is a bare backbone (or not a language "
             f"model). Load it with AutoModelForCausalLM (e.g. LlamaForCausalLM, not LlamaModel).")
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    # a ZeRO-3 partitioned weight is empty outside its module's forward: its shape is ds_shape
+    shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))
+    if not isinstance(weight, torch.Tensor) or len(shape) != 2:
         raise TypeError(f"fastirl needs the LM head of {name} to be a linear layer with a 2-d "
                         f"weight (vocab, hidden); got {type(head).__name__}")
     return head
