@@ -240,16 +240,16 @@ def test_iqconfig_rejects_trl_losses(tmp_path):
         IQTrainer(tiny_llama(), trl.SFTConfig(**sft_kwargs(tmp_path)))
 
 
-def test_docs_list_every_loss_field_of_iqconfig():
-    """docs/huggingface.md's table of IQ options has a row per loss field of
-    IQConfig (the fields come from fastirl.options), with its default."""
+def test_docs_name_every_loss_field_of_iqconfig():
+    """docs/huggingface.md names every loss field of IQConfig (the fields come
+    from fastirl.options; defaults and meanings are in docs/options.md)."""
     from pathlib import Path
 
-    from fastirl import options as fo
     from fastirl.integrations.transformers.config import CONFIG_FIELDS
     doc = (Path(__file__).resolve().parents[1] / "docs" / "huggingface.md").read_text()
+    doc = " ".join(doc.split())
     for field, name in CONFIG_FIELDS.items():
-        assert f"| `{field}` | `{fo.OPTIONS[name].default!r}` |" in doc, field
+        assert (f"`{field}`" if field == name else f"`{field}` (`{name}`)") in doc, field
 
 
 # ----------------------------------------------------------------------------- training details
