@@ -19,7 +19,10 @@ whole global batch, however unevenly the tokens fall on the ranks.  With
 gradients *summed* over ranks, pass the global count itself
 (``grads_averaged=False``).  For gradient accumulation give it the targets of
 all micro-batches of the optimizer step.  In vocab + data parallelism use the
-data-parallel group here (not the vocabulary group).
+data-parallel group here (not the vocabulary group).  The same value goes to a
+Hugging Face model patched by ``apply_fastirl`` (``labels[..., 1:]``:
+HF labels are token-aligned); the loss is used as it comes, never multiplied by
+the world size.
 
 3. Sharded parameters (FSDP2, DeepSpeed ZeRO-3)
 -----------------------------------------------
@@ -116,7 +119,10 @@ def global_num_items(targets: "torch.Tensor | Iterable[torch.Tensor]", ignore_in
     the count over the data-parallel ``group`` (default: the world), and returns
     it divided by the group size when ``grads_averaged`` (DDP, FSDP2 by default
     average gradients: then the update is that of the token mean over the whole
-    global batch), or the global count itself when gradients are summed.  A float64
+    global batch), or the global count itself when gradients are summed.  Give
+    every micro-batch's loss call this value and use the loss as it comes (no
+    rescaling by the world size or the accumulation steps);
+    ``fastirl.integrations.global_num_items`` is this function.  A float64
     scalar tensor on the targets' device; a global count of 0 counts as 1 (the
     loss is 0 then anyway).  Without an initialized process group it is the local
     count.  Online mode (``is_expert``): note that num_items_in_batch replaces

@@ -66,6 +66,20 @@ def reference_loss(model, batch: dict, **options) -> torch.Tensor:
                                          position_ids=batch.get("position_ids"), **options)
 
 
+def reference_rewards(model, batch: dict, gamma: float) -> torch.Tensor:
+    """Naive rewards from the unpatched model's own (materialised) logits, aligned
+    like ``extract_rewards``' (the reward of token t at t, 0 at t = 0), float64."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch.get("attention_mask")).logits.double()
+    V = logits.shape[-1]
+    rows = reference.implicit_rewards(logits, torch.eye(V, dtype=torch.float64),
+                                      shift_labels(batch["labels"]), gamma=gamma)
+    out = torch.zeros_like(rows)
+    out[:, 1:] = rows[:, :-1]
+    return out
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 

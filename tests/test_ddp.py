@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo): DDP + apply_fastirl with the global token count, and
-IQTrainer under DDP with gradient accumulation, match single-process gradients."""
+"""Two CPU processes (gloo): a hand-written DDP loop on a patched model with
+gradient accumulation, normalised by ``global_num_items``, and IQTrainer under
+DDP with gradient accumulation, match single-process gradients."""
 
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ class ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-# Rank r's rows in the plain DDP loop: rank 0 holds far more tokens than rank 1.
-SHARDS = {0: [0, 2, 4], 1: [1, 3]}
+# Rank r's micro-batches in the plain DDP loop (two per optimizer step): rank 0
+# holds far more tokens than rank 1, and its micro-batches differ in size.
+MICRO = {0: [[0, 2], [4]], 1: [[1], [3]]}
+SHARDS = {r: [i for mb in mbs for i in mb] for r, mbs in MICRO.items()}
 
 
 def _worker(rank, port, out_dir):
@@ -68,17 +71,22 @@ def _worker(rank, port, out_dir):
     transformers.logging.set_verbosity_error()
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
 
-    # (a) A hand-written DDP loop on a patched model, normalised by the global count.
+    # (a) A hand-written DDP loop on a patched model with gradient accumulation:
+    # one num_items_in_batch for the whole optimizer step, all ranks and micro-batches
+    # (global count / world size, since DDP averages gradients), the loss as it comes.
+    import fastirl.distributed
+    assert global_num_items is fastirl.distributed.global_num_items
     model = tiny_llama()
     apply_fastirl(model, backend="torch", **OPTIONS)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     rows = padded_rows()
-    shard = stack([rows[i] for i in SHARDS[rank]])
-    n = global_num_items(shard["labels"])
-    loss = ddp(**shard, num_items_in_batch=n).loss * WORLD     # DDP averages over ranks
-    loss.backward()
+    micro = [stack([rows[i] for i in mb]) for mb in MICRO[rank]]
+    n = global_num_items([mb["labels"][:, 1:] for mb in micro])
+    with ddp.no_sync():                                        # accumulate locally...
+        ddp(**micro[0], num_items_in_batch=n).loss.backward()
+    ddp(**micro[1], num_items_in_batch=n).loss.backward()      # ...then average over ranks
     if rank == 0:
-        torch.save({"n": int(n), "grads": {k: p.grad for k, p in model.named_parameters()}},
+        torch.save({"n": float(n), "grads": {k: p.grad for k, p in model.named_parameters()}},
                    os.path.join(out_dir, "loop.pt"))
 
     # (b) IQTrainer under DDP (accelerate, gloo), 2 ranks x 2 sequences x 2 accumulation steps.
@@ -146,7 +154,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     # (a) the loop: global normalisation == one process on all rows of both shards.
     loop = torch.load(tmp_path / "loop.pt")
     used = SHARDS[0] + SHARDS[1]
-    assert loop["n"] == int((stack([rows[i] for i in used])["labels"][:, 1:] != -100).sum())
+    count = int((stack([rows[i] for i in used])["labels"][:, 1:] != -100).sum())
+    assert loop["n"] == count / WORLD
     want = _full_batch_grads([rows[i] for i in used])
     assert _close(loop["grads"], want)
     # The check can fail: averaging per-rank means weighs tokens unequally.

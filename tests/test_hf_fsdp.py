@@ -8,6 +8,11 @@ loss and every gradient equal a single process on the whole batch.
   through the head module's ``__call__`` so FSDP2 gathers it for the loss and the
   backward pass and reduce-scatters its gradient.
 
+Each rank normalises by ``fastirl.distributed.global_num_items`` (global count /
+world size: FSDP2 averages gradients).  After the step, ``extract_rewards`` on
+the sharded model (the root gathers its parameters, the head unit its weight)
+equals the rewards of the unsharded model's own logits.
+
 One pair of processes runs both cases (start-up dominates the time).  This file
 is also the worker: ``python test_hf_fsdp.py --worker RANK PORT OUT``."""
 
@@ -38,8 +43,11 @@ def batch():
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
-def num_items(b) -> int:
-    return int((b["labels"][:, 1:] != -100).sum())
+def num_items(local):
+    """``num_items_in_batch`` of this rank's rows: the one rule, whatever the
+    framework (DDP, FSDP2, ZeRO-3 average gradients over ranks)."""
+    from fastirl.distributed import global_num_items
+    return global_num_items(local["labels"][:, 1:])
 
 
 def single_process():
@@ -54,6 +62,12 @@ def single_process():
     loss = model(**b).loss
     loss.backward()
     return loss.detach(), grads(model)
+
+
+def single_process_rewards():
+    """The rewards of the unsharded model's own logits (extract_rewards' alignment)."""
+    from _hf import reference_rewards, tiny_llama
+    return reference_rewards(tiny_llama().eval(), batch(), OPTIONS["gamma"])
 
 
 # --------------------------------------------------------------------------- worker
@@ -74,7 +88,7 @@ def _case(case: str, rank: int, out: Path) -> None:
     import torch.distributed as dist
     from _hf import tiny_llama
 
-    from fastirl.integrations import apply_fastirl, is_fastirl_applied
+    from fastirl.integrations import apply_fastirl, extract_rewards, is_fastirl_applied
     model = tiny_llama()
     apply_fastirl(model, backend="torch", **OPTIONS)
     if case == "accelerate":
@@ -97,16 +111,20 @@ def _case(case: str, rank: int, out: Path) -> None:
     model.train()
     b = batch()
     local = {k: v[2 * rank:2 * rank + 2] for k, v in b.items()}
-    # Token mean of the whole batch: the global count, times the world size since
-    # FSDP2 averages the gradients over ranks.
-    loss = model(**local, num_items_in_batch=num_items(b)).loss * WORLD
+    # Token mean of the whole batch: FSDP2 averages the gradients over ranks.
+    loss = model(**local, num_items_in_batch=num_items(local)).loss
     loss.backward()
     total = loss.detach() / WORLD
     dist.all_reduce(total)
     grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
              for n, p in model.named_parameters() if p.grad is not None}
+    # Rewards of the sharded model at rest (parameters resharded after backward).
+    rewards = extract_rewards(model, local)
+    gathered = [torch.empty_like(rewards) for _ in range(WORLD)]
+    dist.all_gather(gathered, rewards)
     if rank == 0:
-        torch.save({"loss": total, "grads": grads}, out / f"{case}.pt")
+        torch.save({"loss": total, "grads": grads, "rewards": torch.cat(gathered)},
+                   out / f"{case}.pt")
 
 
 # --------------------------------------------------------------------------- test
@@ -123,9 +141,12 @@ def test_fsdp2_matches_single_process(tmp_path):
     results = launch_workers(__file__, WORLD, tmp_path, [f"{case}.pt" for case in CASES],
                              timeout=240)
     want_loss, want_grads = single_process()
+    want_rewards = single_process_rewards()
     for case, got in zip(CASES, results):
         torch.testing.assert_close(got["loss"], want_loss, rtol=1e-5, atol=1e-6, msg=case)
         assert_grads_close(got["grads"], want_grads, rtol=1e-4)
+        torch.testing.assert_close(got["rewards"].double(), want_rewards, rtol=1e-4, atol=1e-5,
+                                   msg=case)
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":

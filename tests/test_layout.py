@@ -75,6 +75,41 @@ def test_every_module_imports_alone(name):
     importlib.import_module(name)
 
 
+# Listed from the files (walking the packages would import transformers at collection).
+_INTEGRATIONS = sorted(m for m in _modules() if m.startswith("fastirl.integrations"))
+
+
+@pytest.mark.parametrize("name", _INTEGRATIONS)
+def test_every_integration_module_imports_alone(name):
+    """The integrations too, where their libraries are installed."""
+    if name.startswith("fastirl.integrations.transformers"):
+        for lib in ("transformers", "trl"):
+            pytest.importorskip(lib)
+    importlib.import_module(name)
+
+
+def test_integration_modules_are_small():
+    """One job per module: none grows past 500 lines."""
+    sizes = {m: len(_modules()[m].read_text().splitlines()) for m in _INTEGRATIONS}
+    assert all(n <= 500 for n in sizes.values()), sizes
+
+
+def test_integrations_hold_no_list_of_loss_options():
+    """The integrations read the loss options from the declaration: the patch's
+    options, IQConfig's fields and the rewards' options are derived from it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("trl")
+    from fastirl.integrations.transformers import config, patch, rewards
+    assert patch.LOSS_OPTIONS == fo.names(fo.ModuleOptions)
+    assert set(config.CONFIG_FIELDS.values()) == {
+        n for n in fo.names(fo.ModuleOptions) if fo.OPTIONS[n].spec.config is not None}
+    assert set(rewards._REWARD_OPTIONS) <= set(fo.names(fo.RewardOptions))
+    # the per-call tensors of the loss, in HF's conventions, are inputs of the patched forward
+    from fastirl.integrations.transformers.forward import EXTRA_INPUTS
+    per_call = set(fo.names(fo.Sequences)) | set(fo.names(fo.Samples))
+    assert per_call - {"position_ids"} <= set(EXTRA_INPUTS)      # position_ids: a model input
+
+
 def test_public_signatures_come_from_the_declaration():
     """Every keyword option of the public functions is the declaration's, with its
     default; nothing else is an option."""

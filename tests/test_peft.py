@@ -13,10 +13,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from fastirl.integrations import apply_fastirl, is_fastirl_applied, unapply_fastirl  # noqa: E402
+from fastirl.integrations import (apply_fastirl, extract_rewards, is_fastirl_applied,  # noqa: E402
+                                  unapply_fastirl)
 
 from _hf import (LLAMA, assert_grads_close, grads, reference_loss,  # noqa: E402
-                 tiny_llama)
+                 reference_rewards, tiny_llama)
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 transformers.logging.set_verbosity_error()
@@ -132,3 +133,27 @@ def test_sharded_head_with_an_adapter_is_refused():
     model.get_base_model().lm_head.base_layer.weight.ds_id = 0     # as ZeRO-3 marks it
     with pytest.raises(TypeError, match="sharded.*PEFT adapter"):
         model(**padded_batch())
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_rewards_read_the_lora_adapted_head(patched):
+    """extract_rewards goes through the loss's head path: with LoRA on lm_head the
+    rewards are those of the adapted model's own logits, not the base head's."""
+    model = peft.get_peft_model(tiny_llama(), lora(target_modules=["q_proj", "lm_head"],
+                                                   lora_dropout=0.2))
+    model.train()                                  # extract_rewards: eval, no adapter dropout
+    if patched:
+        apply_fastirl(model, backend="torch", gamma=0.9)
+    batch = padded_batch()
+    got = extract_rewards(model, batch, gamma=None if patched else 0.9).double()
+    assert model.training
+    model.eval()
+    if patched:
+        unapply_fastirl(model)
+    want = reference_rewards(model, batch, 0.9)
+    head = model.get_base_model().lm_head
+    head.enable_adapters(False)                        # the base head (q_proj still adapted)
+    base_head = reference_rewards(model, batch, 0.9)
+    head.enable_adapters(True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got - base_head).abs().max() > 0.1

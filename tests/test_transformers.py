@@ -253,6 +253,36 @@ def test_bf16_autocast_and_mixed_dtypes():
     torch.testing.assert_close(loss.detach(), want, rtol=3e-2, atol=3e-2)
 
 
+def test_bf16_autocast_fp32_head_matches_naive_under_the_same_autocast():
+    """The patched forward calls fastirl.iq_loss under the caller's autocast (the
+    loss handles it): the fp32 head's gradient is float32 and equals, within
+    bf16 tolerance, the naive loss on the logits of the same autocast forward."""
+    model, b = tiny(), batch()
+    model.train()
+    naive = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = naive(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        assert logits.dtype == torch.bfloat16                  # the head ran in bf16
+        want = reference.iq_loss_from_logits(logits.double(), shift_labels(b["labels"]),
+                                             **OPTIONS)
+    want.backward()
+    apply_fastirl(model, backend=BACKEND, **OPTIONS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**b).loss
+    loss.backward()
+    assert loss.dtype == torch.float32
+    got_w, want_w = model.lm_head.weight.grad, naive.lm_head.weight.grad
+    assert got_w.dtype == torch.float32 and want_w.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2)
+    scale = want_w.abs().max()
+    assert (got_w - want_w).abs().max() <= 2e-2 * scale, ((got_w - want_w).abs().max(), scale)
+    # and it is not the float32 gradient (the GEMMs did run in bf16)
+    fp32 = copy.deepcopy(naive)
+    fp32.zero_grad()
+    reference_loss(fp32, b, **OPTIONS).backward()
+    assert not torch.equal(got_w, fp32.lm_head.weight.grad)
+
+
 def test_extract_rewards_match_reference():
     model, b = tiny("gemma2"), batch()
     with torch.no_grad():
@@ -422,8 +452,8 @@ def test_cuda_bf16_autocast_matches_fp32():
     torch.testing.assert_close(fp32.double(), want, rtol=1e-4, atol=1e-4)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(**b).loss
-    assert loss.dtype == torch.bfloat16
-    loss.float().backward()
+    assert loss.dtype == torch.float32                # bf16 GEMMs, the loss in float32
+    loss.backward()
     assert model.lm_head.weight.grad.dtype == torch.float32
     assert torch.isfinite(model.lm_head.weight.grad).all()
     torch.testing.assert_close(loss.float(), fp32.detach(), rtol=3e-2, atol=3e-2)

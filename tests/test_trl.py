@@ -234,8 +234,22 @@ def test_iqconfig_rejects_trl_losses(tmp_path):
         iq_config(tmp_path, label_smoothing=1.5)
     with pytest.raises(ValueError, match="td_weight_warmup_steps"):
         iq_config(tmp_path, td_weight_warmup_steps=-1)
+    with pytest.raises(ValueError, match="reduction"):
+        iq_config(tmp_path, reduction="sum")
     with pytest.raises(TypeError, match="IQConfig"):
         IQTrainer(tiny_llama(), trl.SFTConfig(**sft_kwargs(tmp_path)))
+
+
+def test_docs_name_every_loss_field_of_iqconfig():
+    """docs/huggingface.md names every loss field of IQConfig (the fields come
+    from fastirl.options; defaults and meanings are in docs/options.md)."""
+    from pathlib import Path
+
+    from fastirl.integrations.transformers.config import CONFIG_FIELDS
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "huggingface.md").read_text()
+    doc = " ".join(doc.split())
+    for field, name in CONFIG_FIELDS.items():
+        assert (f"`{field}`" if field == name else f"`{field}` (`{name}`)") in doc, field
 
 
 # ----------------------------------------------------------------------------- training details

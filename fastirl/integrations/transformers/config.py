@@ -120,6 +120,11 @@ class IQConfig(SFTConfig):
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.online_prompt_length is not None and self.online_prompt_length < 1:
             raise ValueError(f"online_prompt_length must be >= 1, got {self.online_prompt_length}")
+        if self.reduction != "mean":
+            raise ValueError(f"reduction={self.reduction!r}: IQTrainer trains the mean loss, "
+                             f"normalised by the Trainer's token count (num_items_in_batch); "
+                             f"leave reduction at 'mean' (apply_fastirl in your own loop takes "
+                             f"'sum' / 'none')")
         if self.td_weight_warmup_steps < 0:
             raise ValueError(f"td_weight_warmup_steps must be >= 0, got "
                              f"{self.td_weight_warmup_steps}")
