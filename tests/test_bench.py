@@ -163,3 +163,79 @@ def test_variant_names_round_trip():
         assert variants.info(name).name == name
     with pytest.raises(ValueError, match="unknown variant"):
         variants.info("fastirl-nope")
+
+
+@pytest.mark.parametrize("name,want", [
+    ("fastirl-cpu", ("fastirl-cpu", None, None)),
+    ("fastirl-cpu@compact", ("fastirl-cpu", "compact", None)),
+    ("fastirl-cpu-ce@balanced", ("fastirl-cpu-ce", "balanced", None)),
+    ("fastirl-triton@512MiB", ("fastirl-triton", 512 << 20, None)),
+    ("fastirl-cpu@1.5GiB", ("fastirl-cpu", 3 << 29, None)),
+    ("fastirl-cpu@4096", ("fastirl-cpu", None, 4096)),
+    ("cce", ("cce", None, None))])
+def test_variant_suffixes(name, want):
+    assert variants.split_variant(name) == want
+    if want[1] is not None:
+        assert variants.with_memory(want[0], want[1]) == name.replace("1.5GiB", "1536MiB")
+
+
+@pytest.mark.parametrize("name,needle", [("fastirl-cpu@huge", "unknown suffix"),
+                                         ("fastirl-cpu@0", "chunk size"),
+                                         ("cce@compact", "only fastirl variants")])
+def test_bad_variant_suffixes(name, needle):
+    with pytest.raises(ValueError, match=needle):
+        variants.split_variant(name)
+
+
+def test_memory_setting_reaches_the_loss(monkeypatch):
+    """fastirl-bench and interleaved.py build fastirl variants with the suffix's
+    memory= / chunk_size= (and nothing for the library's default)."""
+    import fastirl
+    calls = []
+    monkeypatch.setattr(fastirl, "iq_loss", lambda *a, **k: calls.append(k))
+    dev = torch.device("cpu")
+    for name in ("fastirl-cpu", "fastirl-cpu@compact", "fastirl-cpu@256MiB", "fastirl-cpu@64"):
+        variants.loss_fn(name, dev, td_weight=0.1)(None, None, None)
+    assert "memory" not in calls[0] and "chunk_size" not in calls[0]
+    assert calls[1]["memory"] == "compact" and calls[2]["memory"] == 256 << 20
+    assert calls[3]["chunk_size"] == 64 and "memory" not in calls[3]
+    assert variants.info("fastirl-cpu@compact").mode == "IQ"
+    assert "memory='compact'" in variants.info("fastirl-cpu@compact").summary
+
+
+def test_bench_resolves_suffixes_and_the_memory_group(capsys):
+    from fastirl.bench import cli
+    dev = torch.device("cpu")
+    got = cli.resolve_variants("fastirl-torch@compact,memory", dev)
+    assert got[0] == "fastirl-torch@compact"
+    assert {"fastirl-torch@fast", "fastirl-torch@balanced"} <= set(got)
+    assert not any(n.startswith("fastirl-triton") for n in got)      # interpreter only on CPU
+    for bad, needle in (("fastirl-nope@compact", "unknown variant 'fastirl-nope'"),
+                        ("fastirl-torch@lots", "unknown suffix"), ("naive@compact", "only")):
+        with pytest.raises(cli.UsageError, match=needle):
+            cli.resolve_variants(bad, dev)
+
+
+def test_tiny_run_of_memory_settings_predicts_time_and_memory(tmp_path):
+    """fastirl-cpu at two settings side by side, with the model's predicted
+    time and peak memory beside the measured ones."""
+    import fastirl
+    if "cpu" not in fastirl.available_backends("cpu"):
+        pytest.skip("the native cpu backend is not built here")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastirl.bench", "--batch", "2", "--seq", "64", "--hidden", "16",
+         "--vocab", "3000", "--variants", "fastirl-cpu@fast,fastirl-cpu@64KiB,matmul-floor",
+         "--repeats", "1", "--no-plots", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "predicted memory (/ measured)" in proc.stdout
+    with open(out / "results.csv", newline="") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    for name in ("fastirl-cpu@fast", "fastirl-cpu@64KiB"):
+        assert rows[name]["status"] == "ok", rows[name]["reason"]
+        assert float(rows[name]["predicted_peak_mib"]) > 0
+        assert float(rows[name]["predicted_ms"]) > 0
+    assert float(rows["fastirl-cpu@64KiB"]["predicted_peak_mib"]) < \
+        float(rows["fastirl-cpu@fast"]["predicted_peak_mib"])

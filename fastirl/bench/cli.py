@@ -73,8 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=dtype_arg, metavar="{" + ",".join(DTYPES) + "}",
                    help="input dtype (bf16, fp16, fp32 are accepted too)")
     p.add_argument("--variants",
-                   help="comma-separated variant names or groups (default, all, iq, ce); "
-                        "see --list")
+                   help="comma-separated variant names or groups (default, all, iq, ce, "
+                        "memory); a fastirl variant takes a memory setting or budget, "
+                        "fastirl-cpu@compact, fastirl-cpu@512MiB, or a chunk size, "
+                        "fastirl-cpu@4096 (docs/memory.md); see --list")
     p.add_argument("--repeats", type=int,
                    help="timed repeats of forward and of forward+backward (default 3 on CPU, "
                         "10 on CUDA); medians are reported")
@@ -159,11 +161,24 @@ def resolve_variants(spec: str, device) -> list[str]:
             out += [n for n in names if V.info(n).default and V.relevant(n, device)]
         elif item in ("iq", "ce"):
             out += [n for n in names if V.info(n).mode.lower() == item and V.relevant(n, device)]
+        elif item == "memory":
+            out += V.memory_group(device)
         elif item in names:
+            out.append(item)
+        elif V.AT in item:
+            try:
+                base = V.split_variant(item)[0]
+            except ValueError as exc:
+                raise UsageError(f"variant {item!r}: {exc}") from None
+            if base not in names:
+                raise UsageError(f"unknown variant {base!r} in {item!r}; known variants: "
+                                 f"{', '.join(names)}")
             out.append(item)
         else:
             raise UsageError(f"unknown variant {item!r}; known variants: {', '.join(names)} "
-                             f"(groups: default, all, iq, ce)")
+                             f"(groups: default, all, iq, ce, memory; a fastirl variant "
+                             f"takes @fast / @balanced / @compact / @<budget, e.g. 512MiB> / "
+                             f"@<chunk size>)")
     if not out:
         raise UsageError("--variants selects no variant")
     return list(dict.fromkeys(out))
@@ -321,6 +336,9 @@ def _list(device) -> int:
         state = "available" if not why else f"unavailable: {why}"
         dflt = " [default]" if inf.default else ""
         print(f"  {n:<22} {inf.mode:<5} {inf.summary}{dflt}\n  {'':<22} {state}")
+    print("a fastirl variant takes a memory setting, a budget or a chunk size: "
+          "fastirl-cpu@compact, @balanced, @fast, @512MiB, @4096 (docs/memory.md); "
+          "the group 'memory' is every default fastirl IQ variant at each setting")
     return 0
 
 

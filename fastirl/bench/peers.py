@@ -29,7 +29,11 @@ Each model lists the launches the peer's published code makes at a shape
   from the inputs' logits (:func:`fastirl.bench.logits.cce_kept_fraction`);
   ``cce-2024`` is the paper's version (filter threshold 2^-10),
   ``cce-nosort-2024`` without the vocabulary sort, ``cce-nofilter`` with no
-  filter (every tile kept).
+  filter (every tile kept).  Memory: dE, dC in the input dtype, the lse and
+  the target logits (N float32 each), with the filter the column means of
+  the logits (V float32) and their int32 order.
+* a frozen head (``need_weight=False``; ``liger``, ``cce``, ``cce-nofilter``,
+  ``naive``, ``matmul-floor``): no grad_weight / dC, no dW GEMM or tiles.
 * ``naive-ce``: PyTorch eager cross-entropy on materialised logits (CCE's
   "Baseline", TRL's "full logits"): bf16 logits, ``.float()``,
   ``log_softmax`` (three reads and a write over float32) + ``nll_loss``, and
@@ -78,11 +82,14 @@ def _f32_log_softmax_bwd(e: float, launches: int = 1) -> Op:
 
 # --------------------------------------------------------------------- floor, micro
 
-def floor(s: Shape, hw, opts: Options, *, softcap: bool = False):
+def floor(s: Shape, hw, opts: Options, *, softcap: bool = False, need_weight: bool = True):
+    """The GEMMs of forward+backward: X Wᵀ, G W and (a trained head) Gᵀ X."""
     N, V, H = s.tokens, s.vocab, s.hidden
-    ops = [gemm("gemm_logits", N, V, H, s.dtype), gemm("gemm_dx", N, H, V, s.dtype),
-           gemm("gemm_dw", V, H, N, s.dtype)]
-    return ops, N * V * s.isz + (V * H + N * H) * s.isz, "three bare GEMMs", "floor"
+    ops = [gemm("gemm_logits", N, V, H, s.dtype), gemm("gemm_dx", N, H, V, s.dtype)]
+    if need_weight:
+        ops.append(gemm("gemm_dw", V, H, N, s.dtype))
+    peak = N * V * s.isz + (V * H * need_weight + N * H) * s.isz
+    return ops, peak, "three bare GEMMs" if need_weight else "two bare GEMMs (no dW)", "floor"
 
 
 def mm(s: Shape, hw, opts: Options, *, softcap: bool = False):
@@ -219,7 +226,7 @@ def trl_chunked_nll(s: Shape, hw, opts: Options, *, softcap: bool = False, chunk
     return ops, peak, f"{n} checkpointed chunks of {chunk} rows", "CE"
 
 
-def naive_iq(s: Shape, hw, opts: Options, *, softcap: bool = False):
+def naive_iq(s: Shape, hw, opts: Options, *, softcap: bool = False, need_weight: bool = True):
     """``fastirl.reference.iq_loss`` eagerly: the (N, V) logits, log-sum-exp,
     gather and their autograd: about 12 element-wise passes over (N, V)
     elements (division by tau, logsumexp's max / exp / sum, the backward's
@@ -228,9 +235,11 @@ def naive_iq(s: Shape, hw, opts: Options, *, softcap: bool = False):
     e = N * V
     ops = [gemm("gemm_logits", N, V, H, s.dtype),
            elementwise("elementwise_passes", e, 12 * isz, 30.0, launches=12),
-           small_launches("objective", 60),
-           gemm("gemm_dx", N, H, V, s.dtype), gemm("gemm_dw", V, H, N, s.dtype)]
-    return ops, 5.0 * e * max(isz, 2) + V * H * isz + N * H * isz, "(N, V) logits", "IQ"
+           small_launches("objective", 60), gemm("gemm_dx", N, H, V, s.dtype)]
+    if need_weight:
+        ops.append(gemm("gemm_dw", V, H, N, s.dtype))
+    peak = 5.0 * e * max(isz, 2) + V * H * isz * need_weight + N * H * isz
+    return ops, peak, "(N, V) logits", "IQ"
 
 
 # --------------------------------------------------------------------- Liger
@@ -241,22 +250,27 @@ def LIGER_CHUNK_ROWS(tokens: int, vocab: int, hidden: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, -(-tokens // inc)))))
 
 
-def liger(s: Shape, hw, opts: Options, *, softcap: bool = False):
+def liger(s: Shape, hw, opts: Options, *, softcap: bool = False, need_weight: bool = True):
     """Liger-Kernel 0.8.5: as ``liger-2026`` but dW accumulated by a bf16
     ``addmm(out=grad_weight)`` (no float32 temporary) and dx written by
-    ``mm(out=)`` into ``grad_input``."""
+    ``mm(out=)`` into ``grad_input``.  A frozen head (``weight.requires_grad``
+    False): no ``grad_weight`` (not allocated, no dW GEMM)."""
     N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
     rows = LIGER_CHUNK_ROWS(N, V, H)
-    ops: list[Op] = [elementwise("zero_fill", V * H + N * H, isz, 0.0, launches=3)]
+    fill = V * H * need_weight + N * H
+    ops: list[Op] = [elementwise("zero_fill", fill, isz, 0.0, launches=2 + need_weight)]
     for r0 in range(0, N, rows):
         c = min(rows, N - r0)
         ops += [gemm("gemm_logits", c, V, H, s.dtype),
                 elementwise("ce_kernel", c * V, 3 * isz, 24.0 + (16 if softcap else 0)),
-                gemm("gemm_dx", c, H, V, s.dtype),
-                gemm("gemm_dw", V, H, c, s.dtype, accumulate=True),  # bf16 addmm into dW
-                small_launches("loss_slices", 3)]
-    peak = rows * V * isz + V * H * isz + N * H * isz
-    return ops, peak, f"{math.ceil(N / rows)} chunks of {rows} rows (dW in {s.dtype})", "CE"
+                gemm("gemm_dx", c, H, V, s.dtype)]
+        if need_weight:
+            ops.append(gemm("gemm_dw", V, H, c, s.dtype, accumulate=True))  # bf16 addmm into dW
+        ops.append(small_launches("loss_slices", 3))
+    # the block, grad_weight (bf16), grad_input, the float32 per-row losses
+    peak = rows * V * isz + V * H * isz * need_weight + N * H * isz + N * 4
+    what = f"dW in {s.dtype}" if need_weight else "frozen head"
+    return ops, peak, f"{math.ceil(N / rows)} chunks of {rows} rows ({what})", "CE"
 
 
 def liger_2026(s: Shape, hw, opts: Options, *, softcap: bool = False):
@@ -300,7 +314,7 @@ def liger_2024(s: Shape, hw, opts: Options, *, softcap: bool = False):
 # --------------------------------------------------------------------- Cut Cross-Entropy
 
 def _cce(s: Shape, hw, opts: Options, *, softcap: bool, eps: float | None, sort: bool,
-         kept: float | None, phase: str):
+         kept: float | None, phase: str, need_weight: bool = True):
     from . import logits as LG
 
     N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
@@ -326,28 +340,37 @@ def _cce(s: Shape, hw, opts: Options, *, softcap: bool, eps: float | None, sort:
              f"fused:{s.dtype}", work=fwd_flops + N * V * epi * vec_as_gemm)
     fwd_ops = [fwd, elementwise("indexed_dot", N * H, 2 * isz, 2.0),
                small_launches("valids_nll_mean", 6)]
-    # backward: recompute every tile; the kept ones: two GEMM tiles + locked bf16 adds
+    # backward: recompute every tile; the kept ones: two GEMM tiles (one for a
+    # frozen head: no dC) + locked bf16 adds
+    grads = 1 + need_weight
     rec = 2.0 * N * V * H
-    grad = 2 * 2.0 * N * V * H * f
-    locks = tiles * f * 2 * math.ceil(H / 64)
-    bwd = Op("cce_backward", rec + grad, waves * per_wave * (1 + 2 * f) + locks * 2 * 128 * 64 * isz,
+    grad = grads * 2.0 * N * V * H * f
+    locks = tiles * f * grads * math.ceil(H / 64)
+    bwd = Op("cce_backward", rec + grad,
+             waves * per_wave * (1 + grads * f) + locks * 2 * 128 * 64 * isz,
              f"fused:{s.dtype}", lock_adds=locks,
              work=rec + grad + N * V * (epi + 4) * vec_as_gemm)
-    bwd_ops = [elementwise("zero_fill_dE_dC", (N + V) * H, isz, 0.0, launches=3)]
+    bwd_ops = [elementwise("zero_fill_dE_dC", (N + V * need_weight) * H, isz, 0.0,
+                           launches=2 + need_weight)]
     if sort and eps is not None:
         bwd_ops.append(elementwise("sort_logit_avg", V, 64, 10.0, launches=4))
     bwd_ops.append(bwd)
     ops = {"loss": fwd_ops, "grad": bwd_ops, "both": fwd_ops + bwd_ops}[phase]
-    peak = (V * H + N * H) * isz + (N * 8 if phase != "grad" else 0)
+    # dE, dC in the input dtype; lse and the target logits (N float32 each); with the
+    # filter, the column means of the logits (V float32) and their int32 sort order
+    sorted_ = sort and eps is not None
+    peak = ((V * H * need_weight + N * H) * isz + (N * 8 if phase != "grad" else 0)
+            + (V * 8 if sorted_ else 0))
     what = ("no gradient filter" if eps is None else
             f"filter 2^{round(math.log2(eps))}, {'sorted' if sort else 'unsorted'}, "
             f"{f:.0%} of tiles kept ({'given' if kept is not None else opts.inputs + ' inputs'})")
     return ops, peak, what, "CE"
 
 
-def cce(s, hw, opts, *, softcap=False, phase="both", kept=None):
+def cce(s, hw, opts, *, softcap=False, phase="both", kept=None, need_weight=True):
     from .logits import CCE_EPS
-    return _cce(s, hw, opts, softcap=softcap, eps=CCE_EPS, sort=True, kept=kept, phase=phase)
+    return _cce(s, hw, opts, softcap=softcap, eps=CCE_EPS, sort=True, kept=kept, phase=phase,
+                need_weight=need_weight)
 
 
 def cce_2024(s, hw, opts, *, softcap=False, phase="both", kept=None):
@@ -362,19 +385,24 @@ def cce_nosort_2024(s, hw, opts, *, softcap=False, phase="both", kept=None):
                 phase=phase)
 
 
-def cce_nofilter(s, hw, opts, *, softcap=False, phase="both", kept=None):
-    return _cce(s, hw, opts, softcap=softcap, eps=None, sort=False, kept=None, phase=phase)
+def cce_nofilter(s, hw, opts, *, softcap=False, phase="both", kept=None, need_weight=True):
+    return _cce(s, hw, opts, softcap=softcap, eps=None, sort=False, kept=None, phase=phase,
+                need_weight=need_weight)
 
 
 def _lenient(fn):
     """Accept the keyword arguments the calibration passes (phase, kept) even
-    where they do not apply (a fused loss has no separate loss phase)."""
+    where they do not apply (a fused loss has no separate loss phase); a
+    frozen head (need_weight=False) only where the peer models it."""
     import inspect
     names = set(inspect.signature(fn).parameters)
 
     def call(s, hw, opts, **kw):
+        if not kw.get("need_weight", True) and "need_weight" not in names:
+            raise ValueError(f"roofline: the frozen head is not modelled for {fn.__name__}")
         return fn(s, hw, opts, **{k: v for k, v in kw.items() if k in names})
     call.__doc__ = fn.__doc__
+    call.frozen_head = "need_weight" in names
     return call
 
 

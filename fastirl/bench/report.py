@@ -23,7 +23,7 @@ COLUMNS = [
     "peak_mib", "peak_first_mib", "retained_mib", "estimate_mib", "compile_s",
     "time_vs_naive", "time_vs_floor", "mem_vs_naive",
     "check", "mem_method", "loadavg_1m", "fwd_ms_all", "fb_ms_all",
-    "predicted_ms", "predicted_on", "inputs",
+    "predicted_ms", "predicted_on", "inputs", "predicted_peak_mib",
 ]
 
 MIB = float(1 << 20)
@@ -229,22 +229,25 @@ def fmt_ratio(v) -> str:
 
 
 TABLE_HEAD = ["variant", "mode", "forward", "forward+backward", "peak extra memory",
-              "time / naive", "time / floor", "memory / naive", "predicted (/ measured)"]
+              "time / naive", "time / floor", "memory / naive", "predicted (/ measured)",
+              "predicted memory (/ measured)"]
 
 
 def add_predictions(rows: list[dict], hw, loss_preset: str = "default",
                     inputs: str = "lm") -> None:
-    """predicted_ms of the cost model (fastirl.bench.model, calibrated) beside
-    the measured forward+backward, for the variants it models on this device."""
+    """predicted_ms and predicted_peak_mib of the cost model
+    (fastirl.bench.model, calibrated) beside the measured forward+backward and
+    peak extra memory, for the variants it models on this device."""
     from . import predict as model
     for r in rows:
         if r["status"] != "ok":
             continue
-        ms = model.predict_ms(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
-                              vocab=int(r["vocab"]), dtype=r["dtype"], hw=hw,
-                              loss_preset=loss_preset, inputs=inputs)
-        if ms is not None:
-            r["predicted_ms"] = ms
+        p = model.predict_point(r["variant"], tokens=int(r["tokens"]), hidden=int(r["hidden"]),
+                                vocab=int(r["vocab"]), dtype=r["dtype"], hw=hw,
+                                loss_preset=loss_preset, inputs=inputs)
+        if p is not None:
+            r["predicted_ms"] = p.seconds * 1e3
+            r["predicted_peak_mib"] = p.peak_extra_bytes / MIB
             r["predicted_on"] = hw.name
 
 
@@ -261,6 +264,13 @@ def fmt_predicted(r: dict) -> str:
     return fmt_ms(pred) + (f" ({pred / meas:.2f}x)" if meas else "")
 
 
+def fmt_predicted_memory(r: dict) -> str:
+    pred, meas = _f(r.get("predicted_peak_mib")), _f(r.get("peak_mib"))
+    if pred is None:
+        return "-"
+    return fmt_mib(pred) + (f" ({pred / meas:.2f}x)" if meas else "")
+
+
 def table_rows(rows: list[dict]) -> tuple[list[list[str]], list[str]]:
     """Cells of the results table and the one-line notes of variants not measured."""
     cells, notes = [], []
@@ -271,7 +281,7 @@ def table_rows(rows: list[dict]) -> tuple[list[list[str]], list[str]]:
         cells.append([r["variant"], r["mode"], fmt_spread(r, "fwd_ms"), fmt_spread(r, "fb_ms"),
                       fmt_mib(r["peak_mib"]), fmt_ratio(r.get("time_vs_naive")),
                       fmt_ratio(r.get("time_vs_floor")), fmt_ratio(r.get("mem_vs_naive")),
-                      fmt_predicted(r)])
+                      fmt_predicted(r), fmt_predicted_memory(r)])
     return cells, notes
 
 

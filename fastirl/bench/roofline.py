@@ -11,6 +11,9 @@ writes the CSV (with :func:`fastirl.bench.report.write_rows`) and the plot.
     python -m fastirl.bench.roofline --gpu h200 --breakdown
     python -m fastirl.bench.roofline --device cpu --batch 2 --seq 4096 --hidden 2048 \\
         --vocab 128256 --threads 2
+    python -m fastirl.bench.roofline --pareto        # memory settings: the time-memory front
+    python -m fastirl.bench.roofline --pareto --frozen-head
+    python -m fastirl.bench.roofline --variants fastirl-triton@compact,liger,cce
 
 Names of the model are re-exported here (``roofline.predict``, ...) for the
 code that imported them from this module.
@@ -60,9 +63,10 @@ def _datasheet(preds: list[Prediction]) -> tuple[list[float], float]:
 
 
 def _options_label(o: Options) -> str:
-    flags = [k for k in ("dw_zero_fill", "lookahead", "addmm_out_dtype")
+    flags = ["no " + k for k in ("dw_zero_fill", "lookahead", "addmm_out_dtype")
              if not getattr(o, k)]
-    return "defaults" if not flags else "no " + ", no ".join(flags)
+    flags += [k for k in ("slab_dx_direct", "direct_dw", "slab_buffer_reuse") if getattr(o, k)]
+    return "defaults" if not flags else ", ".join(flags)
 
 
 def rows(preds: list[Prediction], options: Options = DEFAULT_OPTIONS) -> list[dict]:
@@ -184,6 +188,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="model chunks without the look-ahead row")
     p.add_argument("--torch-before-2.8", dest="old_torch", action="store_true",
                    help="model the dW fallback of a torch without addmm(out_dtype=)")
+    p.add_argument("--slab-dx-direct", action="store_true",
+                   help="model the proposed engine change: the slabs plan's dx GEMM "
+                        "accumulates straight into its float32 buffer")
+    p.add_argument("--direct-dw", action="store_true",
+                   help="model the proposed engine change: a dW made by one GEMM (one chunk, "
+                        "or one block of rows per slab) written in the weight's dtype")
+    p.add_argument("--slab-buffer-reuse", action="store_true",
+                   help="model the proposed engine change: one float32 dW slab buffer "
+                        "zero-filled per slab, not a new one while the last is referenced")
+    p.add_argument("--frozen-head", action="store_true",
+                   help="a frozen head (no dW: LoRA on the body) for fastirl, Liger, CCE, "
+                        "the naive loss and the floor")
+    p.add_argument("--pareto", action="store_true",
+                   help="every memory setting of fastirl-triton (and a few byte budgets), "
+                        "fastirl-triton-fused, Liger, CCE and the naive loss against tokens on "
+                        "--gpus: predicted time / floor, peak extra memory, the Pareto front, "
+                        "and the worst case per setting over N")
+    p.add_argument("--gpus", default="h100,h200",
+                   help="GPUs of --pareto (default %(default)s)")
     p.add_argument("--calibration", action="store_true",
                    help="print every published figure beside its prediction, then exit")
     p.add_argument("--sweep-tokens", default="1024,2048,4096,8192,16384,32768,65536",
@@ -216,11 +239,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = Options(dw_zero_fill=not args.no_dw_zero_fill, lookahead=not args.no_lookahead,
                    addmm_out_dtype=not args.old_torch, calibrated=not args.uncalibrated,
-                   inputs=args.inputs)
+                   inputs=args.inputs, slab_dx_direct=args.slab_dx_direct,
+                   direct_dw=args.direct_dw, slab_buffer_reuse=args.slab_buffer_reuse)
     s = Shape(args.batch * args.seq, args.hidden, args.vocab, args.dtype)
+    if args.pareto:
+        return _pareto(args, s, opts)
     names = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    if names is None and args.frozen_head:
+        names = [v for v in (cuda_variants() if hw.kind == "cuda" else cpu_variants())
+                 if v in ("fastirl-triton", "fastirl-cuda", "fastirl-cpu", "liger", "cce",
+                          "naive", "matmul-floor")]
     try:
-        preds = predict_all(s, hw, names, softcap=args.softcap, options=opts)
+        preds = predict_all(s, hw, names, softcap=args.softcap, options=opts,
+                            need_weight=not args.frozen_head)
     except ValueError as exc:
         print(f"roofline: {exc}", file=sys.stderr)
         return 2
@@ -240,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     all_rows = rows(preds, opts)
     tokens = [int(t) for t in args.sweep_tokens.split(",") if t.strip()]
     if tokens:
-        sw = sweep(s, hw, tokens, names, softcap=args.softcap, options=opts)
+        sw = sweep(s, hw, tokens, names, softcap=args.softcap, options=opts,
+                   need_weight=not args.frozen_head)
         print("\npredicted forward+backward against tokens (x the floor):")
         print(sweep_table(sw, "time", args.markdown))
         print("\nmodelled peak extra memory against tokens:")
@@ -255,6 +287,28 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         write_rows(args.csv, all_rows, CSV_COLUMNS)
         print(f"wrote {args.csv}")
+    return 0
+
+
+def _pareto(args, s: Shape, opts: Options) -> int:
+    from . import pareto as PA
+    tokens = [int(t) for t in args.sweep_tokens.split(",") if t.strip()] or [s.tokens]
+    try:
+        gpus = [gpu(g.strip()) for g in args.gpus.split(",") if g.strip()]
+    except ValueError as exc:
+        print(f"roofline: {exc}", file=sys.stderr)
+        return 2
+    pts = PA.sweep(s, gpus, tokens, need_weight=not args.frozen_head, options=opts)
+    print(f"H={s.hidden} V={s.vocab} {s.dtype}; inputs {args.inputs}; engine: "
+          f"{_options_label(opts)}; {'data-sheet peaks' if args.uncalibrated else 'calibrated'}"
+          f"; fastirl-cuda: the same launches and memory as fastirl-triton")
+    print(PA.report(pts, markdown=args.markdown,
+                    detail_tokens=s.tokens if s.tokens in tokens else tokens[0]))
+    if args.csv:
+        print(f"wrote {PA.write_csv(pts, args.csv)}")
+    if args.png:
+        out = PA.plot(pts, Path(args.png))
+        print(f"wrote {out}" if out else "matplotlib not installed: no plot")
     return 0
 
 

@@ -14,6 +14,17 @@ and backward, leaving ``hidden.grad`` / ``weight.grad``.  Modes:
 * ``floor``: the three bare GEMMs a forward+backward needs at these shapes
   (``Z = X W^T``, ``dX = G W``, ``dW = G^T X`` with G of Z's shape); no loss.
 
+A fastirl variant takes a suffix ``@<what>`` (the same in ``fastirl-bench``,
+``benchmarks/interleaved.py`` and the cost model):
+
+* ``@fast``, ``@balanced``, ``@compact``: the ``memory=`` setting
+  (docs/memory.md);
+* ``@<number><unit>`` with unit B, KiB, MiB or GiB (``@512MiB``, ``@1.5GiB``):
+  ``memory=`` a working-memory budget in bytes;
+* ``@<int>`` (``@4096``): an explicit ``chunk_size`` (the planner is not asked).
+
+Without a suffix a fastirl variant runs ``fastirl.iq_loss``'s default setting.
+
 This module imports nothing heavy at import time: availability and building
 happen in the worker process that measures one variant.
 """
@@ -30,6 +41,59 @@ IGNORE_INDEX = -100
 FIXED = ("naive", "naive-compile", "naive-ce", "torch-lce", "cce", "liger", "matmul-floor")
 CE_SUFFIX = "-ce"
 FASTIRL_PREFIX = "fastirl-"
+AT = "@"
+MEMORY_SETTINGS = ("fast", "balanced", "compact")
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_suffix(text: str) -> tuple["str | int | None", int | None]:
+    """(memory, chunk_size) of the text after ``@`` (see the module doc);
+    ValueError for anything else."""
+    if text in MEMORY_SETTINGS:
+        return text, None
+    if text.isdigit():
+        if int(text) < 1:
+            raise ValueError(f"chunk size must be >= 1, got @{text}")
+        return None, int(text)
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                value = float(text[: -len(unit)])
+            except ValueError:
+                break
+            if value > 0:
+                return int(value * _UNITS[unit]), None
+            break
+    raise ValueError(f"unknown suffix @{text}: use @fast, @balanced, @compact, a budget "
+                     f"such as @512MiB / @2GiB, or a chunk size such as @4096")
+
+
+def split_variant(name: str) -> tuple[str, "str | int | None", int | None]:
+    """(base name, memory setting or byte budget, chunk_size) of a variant name:
+    ``fastirl-cpu@compact`` -> ("fastirl-cpu", "compact", None),
+    ``fastirl-cpu@512MiB`` -> ("fastirl-cpu", 536870912, None),
+    ``fastirl-cpu@4096`` -> ("fastirl-cpu", None, 4096), ``cce`` -> ("cce", None, None).
+    ValueError for a suffix on a variant that is not fastirl's, or an unknown suffix."""
+    base, at, rest = name.partition(AT)
+    if not at:
+        return name, None, None
+    if not base.startswith(FASTIRL_PREFIX):
+        raise ValueError(f"only fastirl variants take @<memory> / @<chunk>, not {name!r}")
+    memory, chunk = parse_suffix(rest)
+    return base, memory, chunk
+
+
+def budget_label(nbytes: int) -> str:
+    """The shortest exact spelling of a byte budget: 536870912 -> "512MiB"."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if nbytes % _UNITS[unit] == 0:
+            return f"{nbytes // _UNITS[unit]}{unit}"
+    return f"{nbytes}B"
+
+
+def with_memory(name: str, memory: "str | int") -> str:
+    """``name`` with the memory suffix of ``memory`` (a setting or bytes)."""
+    return f"{name}{AT}{memory if isinstance(memory, str) else budget_label(memory)}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +133,13 @@ def info(name: str) -> Info:
     }
     if name in fixed:
         return fixed[name]
+    if AT in name:
+        base, memory, chunk = split_variant(name)
+        got = info(base)
+        what = (f"chunk_size={chunk}" if chunk is not None else
+                f"memory={memory if isinstance(memory, str) else budget_label(memory)!r}")
+        return Info(name, got.mode, f"{got.summary}, {what}", False, got.compiles,
+                    got.memory_kind)
     if name.startswith(FASTIRL_PREFIX):
         rest = name[len(FASTIRL_PREFIX):]
         ce = rest.endswith(CE_SUFFIX)
@@ -88,6 +159,18 @@ def all_names() -> list[str]:
     return names + ["torch-lce", "cce", "liger", "matmul-floor"]
 
 
+def memory_group(device) -> list[str]:
+    """The ``memory`` group: every default fastirl IQ variant of the device at
+    each memory setting (on a CPU the Triton backends, which run there only
+    in their interpreter, are left out)."""
+    def runs(n):
+        return relevant(n, device) and not (device.type == "cpu"
+                                            and fastirl_backend(n).startswith("triton"))
+    return [with_memory(n, m) for n in all_names()
+            if fastirl_backend(n) and info(n).mode == "IQ" and info(n).default and runs(n)
+            for m in MEMORY_SETTINGS]
+
+
 def relevant(name: str, device) -> bool:
     """Whether ``name`` belongs in a group selection (default / iq / ce) on
     ``device``: the native backends are per device type."""
@@ -100,7 +183,7 @@ def relevant(name: str, device) -> bool:
 def fastirl_backend(name: str) -> str | None:
     if not name.startswith(FASTIRL_PREFIX):
         return None
-    rest = name[len(FASTIRL_PREFIX):]
+    rest = name.partition(AT)[0][len(FASTIRL_PREFIX):]
     return rest[: -len(CE_SUFFIX)] if rest.endswith(CE_SUFFIX) else rest
 
 
@@ -111,6 +194,11 @@ def unavailable_reason(name: str, device) -> str | None:
     import torch
 
     dev = device.type
+    if AT in name:
+        try:
+            name = split_variant(name)[0]
+        except ValueError as exc:
+            return str(exc)
     if name == "naive-compile":
         if dev == "cpu":
             import shutil
@@ -197,12 +285,18 @@ def loss_fn(name: str, device, *, td_weight: float, loss_preset: str = "default"
         return liger
     if name == "matmul-floor":
         return None
-    backend = fastirl_backend(name)
+    base, memory, chunk = split_variant(name)
+    backend = fastirl_backend(base)
     if backend is None:
         raise ValueError(f"unknown variant {name!r}")
-    lam = 0.0 if name.endswith(CE_SUFFIX) else td_weight
+    lam = 0.0 if base.endswith(CE_SUFFIX) else td_weight
+    extra = {}
+    if memory is not None:
+        extra["memory"] = memory
+    if chunk is not None:
+        extra["chunk_size"] = chunk
     return lambda x, w, t: fastirl.iq_loss(x, w, t, td_weight=lam, ignore_index=ignore_index,
-                                           backend=backend, preset=loss_preset)
+                                           backend=backend, preset=loss_preset, **extra)
 
 
 def bind(name: str, fn: Callable | None, hidden, weight, targets) -> Bound:
