@@ -88,6 +88,13 @@ class _Job:
                 rows = rows.new_empty(rows.shape).copy_(rows)
         return rows if self.dtype is None or rows.dtype == self.dtype else rows.to(self.dtype)
 
+    def add(self, out: torch.Tensor, s: int, e: int, rows: torch.Tensor) -> None:
+        """out[rows s..e of the active list] += rows."""
+        if self.plan.index is None:
+            out[s:e].add_(rows)
+        else:
+            out.index_add_(0, self.plan.index[s:e], rows.to(out.dtype))
+
     def put(self, out: torch.Tensor, s: int, e: int, rows: torch.Tensor) -> None:
         if self.plan.index is None:
             out[s:e].copy_(rows)
@@ -224,14 +231,17 @@ def _slab_backward(job: _Job, need, x, weight, bias, w, b, value, grad_value, gr
     mp, plan = job.memory, job.plan
     V, H = w.shape
     acc = acc_dtype(job.dtype or x.dtype)
-    dx_acc = torch.zeros((plan.n, H), dtype=acc, device=x.device) if need_x else None
+    dx = torch.zeros_like(x) if need_x else None
+    # dx accumulates in float32: in dx itself when it is float32 (float64), else in a buffer
+    dx_acc = dx if dx is None or x.dtype == acc else torch.zeros((plan.n, H), dtype=acc,
+                                                                   device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     db = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
           if need_b and bias is not None else None)
+    dw_buf = torch.empty((mp.slab, H), dtype=acc, device=w.device) if need_w else None
     for v0, v1 in _slabs(job, V):
-        dw_s = torch.zeros((v1 - v0, H), dtype=acc, device=w.device) if need_w else None
-        for s in range(0, plan.n, mp.slab_rows):
-            e = min(plan.n, s + mp.slab_rows)
+        dw_s = None if dw_buf is None else dw_buf[: v1 - v0].zero_()    # one buffer, reused
+        for s, e, _ in job.chunks():
             dx_c = job.backend.backward(job.rows(x, s, e), w[v0:v1],
                                         None if b is None else b[v0:v1],
                                         _local(plan.targets[s:e], v0, v1), value[s:e],
@@ -239,13 +249,14 @@ def _slab_backward(job: _Job, need, x, weight, bias, w, b, value, grad_value, gr
                                         need_x=need_x, dweight=dw_s,
                                         dbias=None if db is None else db[v0:v1],
                                         **_sum_kw(grad_sum, s, e))
-            if need_x:
+            if dx_acc is dx and dx is not None:
+                job.add(dx, s, e, dx_c)
+            elif dx is not None:
                 dx_acc[s:e].add_(dx_c)
+            del dx_c
         if need_w:
             dw[v0:v1].copy_(dw_s)
-    dx = None
-    if need_x:
-        dx = torch.zeros_like(x)
+    if dx is not None and dx_acc is not dx:
         job.put(dx, 0, plan.n, dx_acc)
     return dx, dw, None if db is None else db.to(bias.dtype)
 
@@ -356,7 +367,8 @@ def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: IQOptions, *,
         mp = memory_plan(plan.n, V, H, dtype, memory=run.memory, need_x=need_x,
                          need_weight=need_w, hardware=hardware_for(hidden2d.device),
                          block_itemsize=getattr(be, "block_itemsize", lambda d: None)(dtype),
-                         weight_itemsize=weight.element_size(), rows_fast=chunk,
+                         weight_itemsize=weight.element_size(),
+                         x_itemsize=hidden2d.element_size(), rows_fast=chunk,
                          slabs_allowed=isinstance(backend, str))
         chunk = mp.rows
     job = _Job(be, spec, plan, opts, chunk, dtype, mp)

@@ -31,8 +31,8 @@ fit:
   (V·H·itemsize; at least 64 MiB);
 * ``"compact"``: at most 1/16 of that (at least 16 MiB);
 
-  where no plan meets a setting's budget, the fastest plan within a quarter
-  of the least working memory any plan needs;
+  a setting's budget is at least twice the least working memory any plan
+  needs here (the least itself is a plan of tiny slabs, many times slower);
 * an int: a budget in bytes; no plan fitting it is an error that says the
   least it can be.
 
@@ -88,32 +88,48 @@ def budget(memory: "str | int", vocab: int, hidden: int, itemsize: int) -> int |
     raise ValueError(f"memory must be one of {SETTINGS} or a budget in bytes, got {memory!r}")
 
 
-def _rates(hw: Hardware, dtype: torch.dtype) -> tuple[float, float]:
+# A launch on the CPU (an ATen op's dispatch and threading), where the device
+# table has no calibrated figure.
+CPU_LAUNCH_S = 10e-6
+
+
+def _rates(hw: Hardware, dtype: torch.dtype) -> tuple[float, float, float]:
+    """Achievable GEMM rate, bandwidth and the cost of one launch."""
     cal = hw.calibration
     name = str(dtype).split(".")[-1]
-    return hw.gemm_flops(name) * cal.gemm, hw.bandwidth * cal.bandwidth
+    launch = cal.launch_s or (CPU_LAUNCH_S if hw.kind == "cpu" else 0.0)
+    return hw.gemm_flops(name) * cal.gemm, hw.bandwidth * cal.bandwidth, launch
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _rows_plan(n, V, H, isz, bsz, acc_extra, c, need_x, need_w, P, B) -> MemoryPlan:
+# Launches the engine makes (counted with a dispatch mode on the CPU): per call, per
+# chunk of the rows plan, per slab and per (slab, block) of the slabs plan.
+LAUNCHES = {"call": 63, "chunk": 20, "slab": 21, "block": 12}
+
+
+def _rows_plan(n, V, H, isz, bsz, acc_extra, c, need_x, need_w, P, B, L) -> MemoryPlan:
     k = _cdiv(n, c)
     gemms = 1 + need_x + need_w
     fixed = k * V * H * ((1 + need_x) * isz + (8 if need_w else 0))
-    t = 2 * n * H * V * gemms / P + (fixed + 6 * n * V * bsz) / B
-    return MemoryPlan("rows", c, work_bytes=acc_extra + c * V * bsz, seconds=t)
+    t = (2 * n * H * V * gemms / P + (fixed + 6 * n * V * bsz) / B
+         + L * (LAUNCHES["call"] + k * LAUNCHES["chunk"]))
+    work = acc_extra + c * V * bsz + (2 * c * H * isz if need_x else 0)
+    return MemoryPlan("rows", c, work_bytes=work, seconds=t)
 
 
-def _slab_plan(n, V, H, isz, bsz, x_extra, w_slab_acc, S, r, need_x, P, B) -> MemoryPlan:
+def _slab_plan(n, V, H, isz, bsz, x_extra, w_slab_acc, S, r, need_x, P, B, L) -> MemoryPlan:
     m, k = _cdiv(V, S), _cdiv(n, r)
     flops = 2 * n * H * V * (1 + 2 + need_x)
     stats = m * k * S * H * isz + m * n * H * isz + 2 * n * V * bsz
     grads = (m * k * S * H * ((1 + need_x) * isz + 8)
              + m * n * H * (2 * isz + (8 if need_x else 0)) + 6 * n * V * bsz)
-    work = x_extra + w_slab_acc * S * H * 4 + r * S * bsz
-    return MemoryPlan("slabs", r, S, r, work, flops / P + (stats + grads) / B)
+    launches = LAUNCHES["call"] + 2 * m * (LAUNCHES["slab"] + k * LAUNCHES["block"])
+    work = (x_extra + w_slab_acc * S * H * 4 + r * S * bsz
+            + (2 * r * H * isz if need_x else 0))          # the block's dx, and its sum
+    return MemoryPlan("slabs", r, S, r, work, flops / P + (stats + grads) / B + L * launches)
 
 
 def _sizes(top: int, low: int) -> list[int]:
@@ -128,7 +144,8 @@ def _sizes(top: int, low: int) -> list[int]:
 
 def plan(n: int, vocab: int, hidden: int, dtype: torch.dtype, *, memory: "str | int",
          need_x: bool, need_weight: bool, hardware: Hardware, block_itemsize: int | None = None,
-         weight_itemsize: int | None = None, rows_fast: int | None = None,
+         weight_itemsize: int | None = None, x_itemsize: int | None = None,
+         rows_fast: int | None = None,
          slabs_allowed: bool = True) -> MemoryPlan:
     """The plan for n active rows of a (vocab, hidden) head with GEMMs in
     ``dtype`` under ``memory``.
@@ -143,38 +160,40 @@ def plan(n: int, vocab: int, hidden: int, dtype: torch.dtype, *, memory: "str | 
     isz = chunking.itemsize(dtype)
     bsz = isz if block_itemsize is None else block_itemsize
     wsz = isz if weight_itemsize is None else weight_itemsize
+    xsz = isz if x_itemsize is None else x_itemsize
     if rows_fast is None:
         rows_fast = chunking.rows_per_chunk(n, V, H, dtype, hardware=hardware,
                                             block_itemsize=bsz,
                                             dw_bytes=None if need_weight else 0)
-    return _plan(n, V, H, isz, bsz, wsz, *_rates(hardware, dtype), memory, need_x, need_weight,
+    return _plan(n, V, H, isz, bsz, wsz, xsz, *_rates(hardware, dtype), memory, need_x, need_weight,
                  rows_fast, slabs_allowed, str(dtype))
 
 
 @lru_cache(maxsize=4096)
-def _plan(n, V, H, isz, bsz, wsz, P, B, memory, need_x, need_weight, rows_fast,
+def _plan(n, V, H, isz, bsz, wsz, xsz, P, B, L, memory, need_x, need_weight, rows_fast,
           slabs_allowed, dtype) -> MemoryPlan:
     acc_extra = V * H * 4 if need_weight and wsz < 4 else 0
-    fast = _rows_plan(n, V, H, isz, bsz, acc_extra, rows_fast, need_x, need_weight, P, B)
+    fast = _rows_plan(n, V, H, isz, bsz, acc_extra, rows_fast, need_x, need_weight, P, B, L)
     limit = budget(memory, V, H, wsz)
     if limit is None:
         return fast
-    candidates = [_rows_plan(n, V, H, isz, bsz, acc_extra, c, need_x, need_weight, P, B)
+    candidates = [_rows_plan(n, V, H, isz, bsz, acc_extra, c, need_x, need_weight, P, B, L)
                   for c in _sizes(rows_fast, MIN_ROWS)]
     if need_weight and slabs_allowed:
-        x_extra = n * H * 4 if need_x and isz < 4 else 0
+        x_extra = n * H * 4 if need_x and xsz < 4 else 0   # dx accumulates in float32
         for S in _sizes(V, MIN_COLUMNS):
             for r in _sizes(n, MIN_ROWS):
-                candidates.append(_slab_plan(n, V, H, isz, bsz, x_extra, wsz < 4 or r < n,
-                                             S, r, need_x, P, B))
+                candidates.append(_slab_plan(n, V, H, isz, bsz, x_extra, True,
+                                             S, r, need_x, P, B, L))
     leanest = min(candidates, key=lambda p: (p.work_bytes, p.seconds))
     if leanest.work_bytes > limit and not isinstance(memory, str):
         raise ValueError(f"memory={memory} bytes is below the least working memory a plan needs "
                      f"here ({leanest.work_bytes} bytes: {leanest.mode} plan, N={n}, V={V}, "
                      f"H={H}, {dtype}); give a larger budget or a setting "
                      f"{SETTINGS}")
-    # A setting whose budget no plan meets takes the fastest plan within a quarter
-    # of the least working memory (the very least is a plan of tiny slabs).
-    limit = max(limit, int(1.25 * leanest.work_bytes))
+    if isinstance(memory, str):
+        # A setting never asks for less than twice the least working memory any plan
+        # needs: the very least is a plan of tiny slabs, many times slower.
+        limit = max(limit, 2 * leanest.work_bytes)
     return min((p for p in candidates if p.work_bytes <= limit),
                key=lambda p: (p.seconds, p.work_bytes))

@@ -331,7 +331,7 @@ def test_rows_plan_memory_by_hand():
 
 def test_slabs_plan_memory_and_launches_by_hand():
     """balanced at the 8B head (H100): the planner's plan (8 slabs of 16384
-    columns, one block of 8192 rows); peak = dW (bf16) + the float32 dx
+    columns, one block of 8192 rows); peak = dx and dW (bf16) + the float32 dx
     accumulator + a slab's float32 dW buffer + the (r, S) block + two (r, H)
     dx blocks; four GEMMs of 2NHV FLOPs each."""
     hw = R.gpu("h100")
@@ -343,8 +343,8 @@ def test_slabs_plan_memory_and_launches_by_hand():
     p = R.predict("fastirl-triton@balanced", LLAMA3_8B, hw)
     S, r = 16384, 8192
     loop = S * H8 * 4 + r * S * 2 + 2 * r * H8 * 2
-    assert p.peak_extra_bytes == V8 * H8 * 2 + N8 * H8 * 4 + loop
-    assert p.peak_extra_bytes / 2**30 == pytest.approx(1.73, abs=0.01)
+    assert p.peak_extra_bytes == N8 * H8 * 2 + V8 * H8 * 2 + N8 * H8 * 4 + loop
+    assert p.peak_extra_bytes / 2**30 == pytest.approx(1.79, abs=0.01)
     gemms = [o for o in p.ops if o.unit != "vector"]
     assert sum(o.flops * o.count for o in gemms) == 8 * N8 * H8 * V8
     kinds = p.by_kind()
@@ -354,7 +354,7 @@ def test_slabs_plan_memory_and_launches_by_hand():
     # the proposed engine changes remove the dx temporaries / the slab buffer
     o = R.Options(slab_dx_direct=True, direct_dw=True)
     q = R.predict("fastirl-triton@balanced", LLAMA3_8B, hw, options=o)
-    assert q.peak_extra_bytes == V8 * H8 * 2 + N8 * H8 * 4 + r * S * 2
+    assert q.peak_extra_bytes == N8 * H8 * 2 + V8 * H8 * 2 + N8 * H8 * 4 + r * S * 2
     assert "dx_acc_add" not in q.by_kind() and q.seconds < p.seconds
 
 
@@ -396,8 +396,9 @@ def test_a_budget_below_the_least_is_refused_like_the_engine():
 # The predicted front at the Llama-3-8B head, N = 8192 (docs/memory.md and the
 # "Memory settings" section of docs/gpu-model.md print it): a model change that
 # moves a point across the front fails here; update the docs and this test together.
-FRONT_8K = {"fastirl-triton@fast", "fastirl-triton@balanced", "fastirl-triton@256MiB",
-            "fastirl-triton@512MiB", "fastirl-triton@1GiB", "fastirl-triton@2GiB", "liger", "cce"}
+# (compact is the 256 MiB plan at N = 8k, and Liger is faster with less memory there)
+FRONT_8K = {"fastirl-triton@fast", "fastirl-triton@balanced", "fastirl-triton@512MiB",
+            "fastirl-triton@1GiB", "fastirl-triton@2GiB", "liger", "cce"}
 
 
 @pytest.mark.parametrize("gpu_name", ["h100", "h200"])
@@ -410,6 +411,7 @@ def test_pareto_front_at_the_8b_head_is_pinned(gpu_name):
              "fastirl-triton@512MiB", "fastirl-triton@256MiB", "fastirl-triton@compact"]
     assert [t(k) for k in order] == sorted(t(k) for k in order)
     assert t("fastirl-triton@balanced") == t("fastirl-triton@1GiB")       # the same plan
+    assert t("fastirl-triton@compact") == t("fastirl-triton@256MiB")      # the same plan
     by_memory = ["cce", "liger", "fastirl-triton@compact", "fastirl-triton@256MiB",
                  "fastirl-triton@512MiB", "fastirl-triton@balanced", "fastirl-triton@2GiB",
                  "fastirl-triton@fast"]
@@ -434,7 +436,8 @@ def test_worst_cases_over_n_answer_the_default_rule():
     assert fast["worst_time_n"] == 1024 and 1.6 < fast["worst_time"] < 1.75
     assert 2.9 < fast["worst_mem"] < 3.1
     compact = by[("h100", "compact")]
-    assert compact["worst_mem"] < by[("h100", "balanced")]["worst_mem"] < fast["worst_mem"]
+    # (at N = 64k compact and balanced are the same plan: twice the least working memory)
+    assert compact["worst_mem"] <= by[("h100", "balanced")]["worst_mem"] < fast["worst_mem"]
 
 
 def test_engine_plan_is_the_plan_the_engine_runs(monkeypatch):

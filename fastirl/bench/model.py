@@ -109,8 +109,8 @@ class Options:
         :mod:`fastirl.bench.logits`): decides how much of Cut Cross-Entropy's
         backward its gradient filter skips.
 
-    Two switches model engine changes proposed for the memory plans (off:
-    what the engine does now; GPU backends only):
+    Switches for engine changes of the memory plans (default: what the
+    engine does now; GPU backends only):
 
     slab_dx_direct: the "slabs" plan's dx GEMM accumulates straight into the
         float32 (N, H) accumulator (``addmm(out_dtype=float32)``, as
@@ -122,8 +122,9 @@ class Options:
         the weight's dtype (float32 accumulation inside the GEMM): no float32
         dW accumulator or slab buffer, no zero-fill, no cast or copy.
     slab_buffer_reuse: the "slabs" plan zero-fills one float32 (S, H) dW
-        buffer per slab instead of allocating the next slab's while the last
-        one is still referenced (two buffers at every slab change now).
+        buffer per slab (what the engine does) instead of allocating the next
+        slab's while the last one is still referenced (two buffers at every
+        slab change, as it did before).
     """
 
     dw_zero_fill: bool = True
@@ -134,7 +135,7 @@ class Options:
     inputs: str = "lm"
     slab_dx_direct: bool = False
     direct_dw: bool = False
-    slab_buffer_reuse: bool = False
+    slab_buffer_reuse: bool = True
 
 
 DEFAULT_OPTIONS = Options()
@@ -529,14 +530,15 @@ def slabs_peak(s: Shape, mp: MemoryPlan, *, block_bytes: int, weight_itemsize: i
     included, from the tensors the engine holds in its backward
     (``fastirl.engine._slab_backward``; the statistics pass holds one block):
 
-        dW + X + max(Sb + r·S·b + 2·r·H·i,   2·Sb + r·H·i,   Sb + r·H·i + dx)
+        dx + X + max(dW + Sb + r·S·b + 2·r·H·i,   dW + 2·Sb + r·H·i)
 
-    dW = V·H·(weight itemsize) (allocated first), X = N·H·4 (the float32 dx
-    accumulator), Sb = S·H·4 (a slab's float32 dW buffer), r·S·b (the block),
+    dx = N·H·i and dW = V·H·(weight itemsize) (allocated first), X = N·H·4
+    (the float32 dx accumulator; none for float32 inputs, which accumulate in
+    dx itself), Sb = S·H·4 (the float32 dW slab buffer), r·S·b (the block),
     r·H·i twice (the block's dx from dz @ W[slab], in the input dtype, and the
     previous block's, still bound while the next is computed); at a slab
-    change the next slab's buffer is zero-filled while the last one is bound;
-    at the end dx = N·H·i is written while X and the last buffers are alive.
+    change (without buffer reuse) the next slab's buffer is zero-filled while
+    the last one is bound.
     CPU (resident memory, what ``fastirl-bench`` measures there): dW's pages
     count once written, so the loops hold all of dW but the last slab; a
     low-precision dW partial (``dw_temp``) instead of the new dx while dz is
@@ -553,12 +555,12 @@ def slabs_peak(s: Shape, mp: MemoryPlan, *, block_bytes: int, weight_itemsize: i
     change = 2 * sb + xr if S < V and not reuse else 0
     last_s = V - (-(-V // S) - 1) * S
     last_r = N - (-(-N // r) - 1) * r
-    end = (last_s * H * 4 * (not direct_dw) + last_r * H * isz * (not dx_direct)
-           + N * H * isz)
+    end = last_s * H * 4 * (not direct_dw) + last_r * H * isz * (not dx_direct)
     # On a CPU the peak is resident memory: dW (torch.empty) becomes resident slab
     # by slab as each is copied in, so the loop of the last slab holds all but it.
     held = (V - last_s) * H * weight_itemsize if cpu else out
-    return N * H * 4 + max(held + max(loop, change), out + end)
+    acc = N * H * 4 if isz < 4 else 0          # float32 inputs accumulate in dx itself
+    return N * H * isz + acc + max(held + max(loop, change), out + end)
 
 
 def _times(ops: list[Op], n: int) -> list[Op]:

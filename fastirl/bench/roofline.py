@@ -65,7 +65,8 @@ def _datasheet(preds: list[Prediction]) -> tuple[list[float], float]:
 def _options_label(o: Options) -> str:
     flags = ["no " + k for k in ("dw_zero_fill", "lookahead", "addmm_out_dtype")
              if not getattr(o, k)]
-    flags += [k for k in ("slab_dx_direct", "direct_dw", "slab_buffer_reuse") if getattr(o, k)]
+    flags += [k for k in ("slab_dx_direct", "direct_dw") if getattr(o, k)]
+    flags += [] if o.slab_buffer_reuse else ["no_slab_buffer_reuse"]
     return "defaults" if not flags else ", ".join(flags)
 
 
@@ -194,9 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--direct-dw", action="store_true",
                    help="model the proposed engine change: a dW made by one GEMM (one chunk, "
                         "or one block of rows per slab) written in the weight's dtype")
-    p.add_argument("--slab-buffer-reuse", action="store_true",
-                   help="model the proposed engine change: one float32 dW slab buffer "
-                        "zero-filled per slab, not a new one while the last is referenced")
+    p.add_argument("--no-slab-buffer-reuse", action="store_true",
+                   help="model the earlier engine: a new float32 dW slab buffer per slab "
+                        "while the last one is still referenced")
     p.add_argument("--frozen-head", action="store_true",
                    help="a frozen head (no dW: LoRA on the body) for fastirl, Liger, CCE, "
                         "the naive loss and the floor")
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(dw_zero_fill=not args.no_dw_zero_fill, lookahead=not args.no_lookahead,
                    addmm_out_dtype=not args.old_torch, calibrated=not args.uncalibrated,
                    inputs=args.inputs, slab_dx_direct=args.slab_dx_direct,
-                   direct_dw=args.direct_dw, slab_buffer_reuse=args.slab_buffer_reuse)
+                   direct_dw=args.direct_dw,
+                   slab_buffer_reuse=not args.no_slab_buffer_reuse)
     s = Shape(args.batch * args.seq, args.hidden, args.vocab, args.dtype)
     if args.pareto:
         return _pareto(args, s, opts)
