@@ -1,14 +1,15 @@
 """The memory planner: how the engine computes a loss within a memory setting.
 
-Working memory is what the loss holds beyond its inputs and its outputs (dx,
-dW and db in the parameters' dtypes).  Two plans compute the same gradients,
+Working memory is what the loss holds at its peak beyond its inputs and its
+outputs (dx, dW and db in the parameters' dtypes).  Two plans compute the same gradients,
 both accumulating in float32:
 
 ``rows`` (single pass)
     Chunks of c rows; each chunk's (c, V) logits block becomes its gradient in
     place, then dx and dW += dzᵀ x (three GEMMs).  Holds a float32 dW
     accumulator (V·H·4 bytes, unless the weight is float32: then it is the
-    output) and one block (c·V·b).  Per chunk the weight is read twice and
+    output) and one block (c·V·b), freed before dW is made from the
+    accumulator.  Per chunk the weight is read twice and
     the accumulator read and written once, so small chunks cost traffic.
 ``slabs`` (two passes)
     A statistics pass by slabs of S vocabulary columns and blocks of r rows
@@ -29,7 +30,8 @@ fit:
 * ``"fast"``: no budget: the ``rows`` plan with the backend's own chunk size;
 * ``"balanced"``: working memory at most the size of dW in the weight's dtype
   (V·H·itemsize; at least 64 MiB);
-* ``"compact"``: at most 1/16 of that (at least 16 MiB);
+* ``"compact"``: at most a quarter of that (at least 16 MiB; less makes the
+  slabs so narrow that their launches dominate);
 
   a setting's budget is at least twice the least working memory any plan
   needs here (the least itself is a plan of tiny slabs, many times slower);
@@ -84,7 +86,7 @@ def budget(memory: "str | int", vocab: int, hidden: int, itemsize: int) -> int |
     if memory == "balanced":
         return max(64 * MIB, full)
     if memory == "compact":
-        return max(16 * MIB, full // 16)
+        return max(16 * MIB, full // 4)
     raise ValueError(f"memory must be one of {SETTINGS} or a budget in bytes, got {memory!r}")
 
 
@@ -110,13 +112,16 @@ def _cdiv(a: int, b: int) -> int:
 LAUNCHES = {"call": 63, "chunk": 20, "slab": 21, "block": 12}
 
 
-def _rows_plan(n, V, H, isz, bsz, acc_extra, c, need_x, need_w, P, B, L) -> MemoryPlan:
+def _rows_plan(n, V, H, isz, bsz, wsz, acc_extra, c, need_x, need_w, P, B, L) -> MemoryPlan:
     k = _cdiv(n, c)
     gemms = 1 + need_x + need_w
     fixed = k * V * H * ((1 + need_x) * isz + (8 if need_w else 0))
     t = (2 * n * H * V * gemms / P + (fixed + 6 * n * V * bsz) / B
          + L * (LAUNCHES["call"] + k * LAUNCHES["chunk"]))
-    work = acc_extra + c * V * bsz + (2 * c * H * isz if need_x else 0)
+    block = c * V * bsz + (2 * c * H * isz if need_x else 0)
+    # dW in the weight's dtype is made from the accumulator at the end, when the
+    # block is gone: the block counts only by what it exceeds dW with
+    work = acc_extra + (max(0, block - V * H * wsz) if acc_extra else block)
     return MemoryPlan("rows", c, work_bytes=work, seconds=t)
 
 
@@ -173,11 +178,11 @@ def plan(n: int, vocab: int, hidden: int, dtype: torch.dtype, *, memory: "str | 
 def _plan(n, V, H, isz, bsz, wsz, xsz, P, B, L, memory, need_x, need_weight, rows_fast,
           slabs_allowed, dtype) -> MemoryPlan:
     acc_extra = V * H * 4 if need_weight and wsz < 4 else 0
-    fast = _rows_plan(n, V, H, isz, bsz, acc_extra, rows_fast, need_x, need_weight, P, B, L)
+    fast = _rows_plan(n, V, H, isz, bsz, wsz, acc_extra, rows_fast, need_x, need_weight, P, B, L)
     limit = budget(memory, V, H, wsz)
     if limit is None:
         return fast
-    candidates = [_rows_plan(n, V, H, isz, bsz, acc_extra, c, need_x, need_weight, P, B, L)
+    candidates = [_rows_plan(n, V, H, isz, bsz, wsz, acc_extra, c, need_x, need_weight, P, B, L)
                   for c in _sizes(rows_fast, MIN_ROWS)]
     if need_weight and slabs_allowed:
         x_extra = n * H * 4 if need_x and xsz < 4 else 0   # dx accumulates in float32
