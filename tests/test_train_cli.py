@@ -51,7 +51,8 @@ def _chat(n: int) -> list[dict]:
 
 
 def _prompt_completion(n: int) -> list[dict]:
-    return [{"prompt": f"Q: What is {i} times 2?\nA:", "completion": f" {2 * i}."} for i in range(n)]
+    return [{"prompt": f"Q: What is {i} times 2?\nA:", "completion": f" {2 * i}."}
+            for i in range(n)]
 
 
 # Small and CPU-friendly: float32 (no bf16 autocast), the torch backend (nothing to compile).
@@ -245,7 +246,7 @@ def test_resume_from_a_checkpoint_continues_the_run(lora_run):
                   "--save_steps", "1", "--resume_from_checkpoint", str(out / "checkpoint-1"),
                   *COMMON)
     logs = [entry for entry in _logged(proc.stdout) if "loss" in entry]
-    assert len(logs) == 2                        # steps 2 and 3 only: step 1 came from the checkpoint
+    assert len(logs) == 2                  # steps 2 and 3 only: step 1 came from the checkpoint
     state = _state(out / "checkpoint-3")
     assert state["global_step"] == 3
     steps = [entry["step"] for entry in state["log_history"] if "nll" in entry]

@@ -100,8 +100,8 @@ def load_data(script_args, training_args, dataset_args):
     ``datasets`` (YAML) wins over ``dataset_name``."""
     from trl import get_dataset
 
-    want_eval = getattr(training_args, "eval_strategy", "no") not in ("no", None) and str(
-        training_args.eval_strategy) not in ("IntervalStrategy.NO", "no")
+    strategy = getattr(training_args, "eval_strategy", "no")
+    want_eval = str(getattr(strategy, "value", strategy)) != "no"
     if dataset_args.datasets:
         if script_args.dataset_name:
             print("fastirl-train: both `datasets` and `dataset_name` are given; using `datasets`",
@@ -144,7 +144,8 @@ def load_data(script_args, training_args, dataset_args):
 # ---------------------------------------------------------------------------- model
 
 def _model_init_kwargs(model_args, training_args) -> dict:
-    kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+    kwargs = dict(revision=model_args.model_revision,
+                  trust_remote_code=training_args.trust_remote_code,
                   attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     kwargs.update(training_args.model_init_kwargs or {})
     return kwargs
@@ -188,7 +189,8 @@ def load_model(script_args, training_args, model_args):
         training_args.model_init_kwargs = kwargs
         return path, tokenizer
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise ValueError("fastirl-train: --load_in_4bit / --load_in_8bit do not apply to a GGUF file")
+        raise ValueError("fastirl-train: --load_in_4bit / --load_in_8bit do not apply to a "
+                         "GGUF file")
     dtype = kwargs.pop("dtype", None)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -249,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
     except ValueError as exc:
         if "bf16" in str(exc) and "use_cpu" in str(exc):
-            raise SystemExit(f"fastirl-train: {exc}\nIQConfig, like TRL's SFTConfig, trains in bf16 "
-                             f"by default: without a GPU add --use_cpu (bf16 autocast on the CPU) "
-                             f"or --use_cpu --bf16 false (float32).") from None
+            raise SystemExit(f"fastirl-train: {exc}\nIQConfig, like TRL's SFTConfig, trains in "
+                             f"bf16 by default: without a GPU add --use_cpu (bf16 autocast on the "
+                             f"CPU) or --use_cpu --bf16 false (float32).") from None
         raise
     train(script_args, training_args, model_args, dataset_args)
     return 0
