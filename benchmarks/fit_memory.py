@@ -27,32 +27,42 @@ baseline itself is reported (``baseline_gib``) next to the model alone
 
 Search, per row (model, mode, loss): measure two short lengths (512 and 1024
 for the losses that build logits; 2048 and 4096 for the fused ones, past the
-length where fastirl's chunk stops growing, so that their slope holds at long
-T; ``--t1`` / ``--t2`` set both for every loss), fit a line through two
-measured points (the nearest pair around the budget, else the two longest),
-predict the longest T that fits, **measure it**;
-if it does not fit, or if the line through the new point predicts more, repeat
-(a secant search, at most ``--max-runs`` measurements per row).  The reported
-maximum is the longest *measured* length that fitted.  Every measurement is one
-CSV row (``--csv``), so a sweep resumes where it stopped and a larger budget
-reuses the points already measured.  A watchdog kills a step whose resident set
-passes ``--kill-factor`` x the budget above its baseline (or leaves less than
-1 GiB of the machine's memory available): the point is recorded as over.
+length where fastirl's chunk stops growing; ``--t1`` / ``--t2`` set both for
+every loss), fit a line through two measured points (the nearest pair around
+the budget, else the two longest), predict the longest T that fits, **measure
+it**; if it does not fit, or if the line through the new point predicts more,
+repeat (a secant search; bisection where a killed step left no value; at most
+``--max-runs`` measurements per row).  Memory is not quite linear in T (the
+peak moves from the loss to the layers' backward as T grows), which is why the
+maximum is measured, not extrapolated.  The reported maximum is the longest
+*measured* length that fitted.  Every measurement is one CSV row (``--csv``),
+so a sweep resumes where it stopped and another budget reuses the points
+already measured.  A watchdog kills a step whose resident set passes
+``--kill-factor`` x the budget above its baseline (recorded as over, with the
+memory it had reached, a lower bound) or that leaves less than 1 GiB of the
+machine's memory available (recorded as oom: no measurement).
 
     python benchmarks/fit_memory.py --plan                     # every run, estimated times
     python benchmarks/fit_memory.py --short-only               # the short points of every row
+    python benchmarks/fit_memory.py --plan                     # ... now from measured memory
     python benchmarks/fit_memory.py                            # the sweep (resumes)
     python benchmarks/fit_memory.py --models qwen3-0.6b --modes lora --losses hf fastirl-iq
     python benchmarks/fit_memory.py --table                    # the README table (markdown)
     python benchmarks/fit_memory.py --plot fit_memory.png      # the figure
 
-Times in ``--plan``: a step costs flops(T) / rate + a per-run overhead (start,
-model build, warm-up), with flops(T) counted from the configuration (matmuls,
-linear in T; attention, quadratic, windowed for sliding-window layers;
-checkpointing's recomputation), the rate and the overhead taken from the
-measured runs of the same row, else of the same model and mode, else of any
-run in the CSV, else defaults; memory per token likewise from the row's
-measured points, else from an estimate of the same kind (marked ``~``).
+Run it with ``OMP_NUM_THREADS=1`` and a ``FASTIRL_BUILD_DIR`` of its own (the
+native CPU backend is built once there; a shared cache rebuilds it).
+
+Times in ``--plan`` are CPU seconds of one thread (what a run costs on an idle
+core): a run costs a per-run overhead (start, model build, warm-up) plus
+flops(T) / rate, with flops(T) counted from the configuration (matmuls, linear
+in T; attention, quadratic, windowed on sliding-window layers; checkpointing's
+recomputation), the rate and the overhead taken from the measured runs of the
+same row, else of the same model and mode, else of any run (``--csv`` and
+``--calibration``), else defaults.  The search is simulated on the row's
+measured points, else on an estimate of its memory (``estimated_peak``; marked
+``~``), so the plan has the step-downs a real run would have if the estimate
+is right.
 """
 
 from __future__ import annotations

@@ -159,7 +159,9 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
     assert fm.main(common + ["--plan"]) == 0
     plan = capsys.readouterr().out
     assert "tiny-llama" in plan and "estimated total" in plan
-    assert fm.main(common) == 0
+    assert fm.main(common + ["--short-only"]) == 0          # the two short points only
+    assert [r["tokens"] for r in fm.read_rows(csv_path)] == [256, 512]
+    assert fm.main(common) == 0                             # the sweep goes on from them
     rows = fm.read_rows(csv_path)
     assert [r["tokens"] for r in rows][:2] == [256, 512]
     assert all(r["status"] == "ok" for r in rows), rows
