@@ -10,8 +10,10 @@ optimizer step) stays within a budget of B GiB above the model, for each loss:
     cce         Cut Cross-Entropy's ``linear_cross_entropy`` on the backbone's hidden
                 states (cut-cross-entropy 25.1 has no transformers patch; impl "cce" on
                 CUDA, "torch_compile" on the CPU, where its Triton kernels do not run)
-    fastirl-ce  ``apply_fastirl(model, td_weight=0)``: fastirl's fused cross-entropy
-    fastirl-iq  ``apply_fastirl(model, td_weight=0.1)``: fastirl's fused IQ-Learn loss
+    fastirl-ce  ``apply_fastirl(model, td_weight=0, memory="compact")``: fastirl's fused
+                cross-entropy, in its memory-constrained setting
+    fastirl-iq  ``apply_fastirl(model, td_weight=0.1, memory="compact")``: fastirl's fused
+                IQ-Learn loss, likewise
     naive-iq    ``apply_fastirl(model, fused=False, td_weight=0.1)``: logits, then the
                 reference IQ loss
 
@@ -94,6 +96,8 @@ DEFAULT_BUDGET_GIB = 2.0
 LORA_R = 16
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TD_WEIGHT = 0.1
+# fastirl's memory setting here: the one for memory-constrained fine-tuning (docs/memory.md)
+MEMORY = "compact"
 
 # --------------------------------------------------------------------------- architectures
 # Published configurations (the models' config.json on the Hugging Face hub, as documented
@@ -210,7 +214,7 @@ def loss_function(model, loss: str, device):
         return lambda ids: model(input_ids=ids, labels=ids).loss
     if loss in ("fastirl-ce", "fastirl-iq", "naive-iq"):
         from fastirl.integrations import apply_fastirl
-        apply_fastirl(model, fused=loss != "naive-iq",
+        apply_fastirl(model, fused=loss != "naive-iq", memory=MEMORY,
                       td_weight=0.0 if loss == "fastirl-ce" else TD_WEIGHT)
         return lambda ids: model(input_ids=ids, labels=ids).loss
     if loss == "cce":
