@@ -4,9 +4,11 @@
 //   row_stats  one pass over each row, in L1-sized tiles: the tile's max, then
 //              sum_v exp((z_v - max) / tau) (and sum_v e_v u_v for the entropy),
 //              merged into the row's running log-sum-exp state; the tile is read
-//              from memory once.  Also the target logit, argmax and max logit.
+//              from memory once.  Also the target logit, argmax and max logit,
+//              and (logit_sum) the row sum of the capped logits.
 //   row_grad_  overwrites the block with dL/dz = (grad_value * p + grad_target *
-//              onehot) * softcap'(z), one read and one write per element.
+//              onehot (+ grad_sum)) * softcap'(z), one read and one write per
+//              element.
 // With a soft cap, row_stats_capped_ also stores c * tanh(z / c) back into the
 // block (the tile is in L1 then), so that row_grad_(capped=True) needs no tanh.
 //   acc_add_   acc (float32) += src (bf16 / fp16 / float32), converting in
@@ -124,10 +126,16 @@ struct StatsArgs {
   float* entropy;    // nullptr unless wanted
   int64_t* argmax;   // nullptr unless wanted
   float* max_logit;  // nullptr unless wanted
+  float* logit_sum;  // nullptr unless wanted
   bool write_capped;  // store the capped logits back into the block
 };
 
-template <typename T, bool kCap, bool kEnt>
+// kSum: Z = sum_v z_c,v, the plain sum of the capped logits (before tau).  It
+// needs no shift, so it is one more reduction in the loop that already reads
+// the tile for its max (in L1), partial per tile, tiles added in order:
+//   Z = sum_tiles (sum_{v in tile} z_c,v)
+// NaN propagates through it (the max skips NaN, the sums do not).
+template <typename T, bool kCap, bool kEnt, bool kSum>
 IQ_INLINE void stats_rows(const StatsArgs& a, int64_t r0, int64_t r1) {
   using S = typename T::storage;
   alignas(64) float buf[kTile];
@@ -141,6 +149,7 @@ IQ_INLINE void stats_rows(const StatsArgs& a, int64_t r0, int64_t r1) {
     a.target_logit[r] = tg >= 0 ? capped<kCap>(load<T>(z, tg), spec) : 0.0f;
     LseState run = math::lse_empty();
     ArgMax best{math::neg_inf(), 0};
+    float zsum = 0.0f;
     for (int64_t b0 = 0; b0 < V; b0 += kTile) {
       const int64_t len = std::min(kTile, V - b0);
       const float* tile;
@@ -158,8 +167,18 @@ IQ_INLINE void stats_rows(const StatsArgs& a, int64_t r0, int64_t r1) {
         }
       }
       float m = math::neg_inf();
+      if constexpr (kSum) {
+        float ts = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : ts)
+        for (int64_t i = 0; i < len; ++i) {
+          m = tile[i] > m ? tile[i] : m;
+          ts += tile[i];
+        }
+        zsum += ts;
+      } else {
 #pragma omp simd reduction(max : m)
-      for (int64_t i = 0; i < len; ++i) m = tile[i] > m ? tile[i] : m;
+        for (int64_t i = 0; i < len; ++i) m = tile[i] > m ? tile[i] : m;
+      }
       if (want_argmax && m > best.v) {  // rare after the first tiles: find where
         int64_t i = 0;
         while (i + 1 < len && !(tile[i] == m)) ++i;
@@ -187,17 +206,24 @@ IQ_INLINE void stats_rows(const StatsArgs& a, int64_t r0, int64_t r1) {
       a.argmax[r] = best.i;
       a.max_logit[r] = run.m;
     }
+    if constexpr (kSum) a.logit_sum[r] = zsum;
   }
+}
+
+template <typename T, bool kCap, bool kEnt>
+IQ_INLINE void stats_dispatch_sum(const StatsArgs& a, int64_t r0, int64_t r1) {
+  if (a.logit_sum != nullptr) stats_rows<T, kCap, kEnt, true>(a, r0, r1);
+  else stats_rows<T, kCap, kEnt, false>(a, r0, r1);
 }
 
 template <typename T>
 IQ_INLINE void stats_dispatch(const StatsArgs& a, bool cap, bool ent, int64_t r0, int64_t r1) {
   if (cap) {
-    if (ent) stats_rows<T, true, true>(a, r0, r1);
-    else stats_rows<T, true, false>(a, r0, r1);
+    if (ent) stats_dispatch_sum<T, true, true>(a, r0, r1);
+    else stats_dispatch_sum<T, true, false>(a, r0, r1);
   } else {
-    if (ent) stats_rows<T, false, true>(a, r0, r1);
-    else stats_rows<T, false, false>(a, r0, r1);
+    if (ent) stats_dispatch_sum<T, false, true>(a, r0, r1);
+    else stats_dispatch_sum<T, false, false>(a, r0, r1);
   }
 }
 
@@ -223,6 +249,7 @@ struct GradArgs {
   const float* value;
   const float* grad_value;
   const float* grad_target;
+  const float* grad_sum;  // nullptr: no uniform term (the kSum = false kernels run)
   Spec spec;
 };
 
@@ -238,7 +265,10 @@ IQ_INLINE float capped_in(float z, const Spec& s) {
 
 // out may be z itself (same dtype): every element is read before it is written,
 // and the target's logit is read before the loop.
-template <typename Tin, typename Tout, Cap kMode>
+// kSum: dL/dz_c,v gains grad_sum (the coefficient of dL/dZ, Z = sum_v z_c,v,
+// dZ/dz_c,v = 1): one add per element in the same loop, before the soft-cap
+// derivative, which the chain rule applies to it as to the other two terms.
+template <typename Tin, typename Tout, Cap kMode, bool kSum>
 IQ_INLINE void grad_rows(const GradArgs& a, int64_t r0, int64_t r1) {
   constexpr bool kCap = kMode != Cap::kNone;
   using Si = typename Tin::storage;
@@ -250,21 +280,30 @@ IQ_INLINE void grad_rows(const GradArgs& a, int64_t r0, int64_t r1) {
     const Si* z = static_cast<const Si*>(a.z) + r * a.z_stride;
     So* o = static_cast<So*>(a.out) + r * a.out_stride;
     const float value = a.value[r], gv = a.grad_value[r];
+    const float gs = kSum ? a.grad_sum[r] : 0.0f;
     const int64_t tg = a.targets[r];
     const float zt = tg >= 0 ? capped_in<kMode>(load<Tin>(z, tg), spec) : 0.0f;
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) {
       const float c = capped_in<kMode>(load<Tin>(z, i), spec);
       float d = math::policy_grad(c, value, inv_tau, gv);
+      if constexpr (kSum) d += gs;
       if constexpr (kCap) d *= math::softcap_grad(c, spec.inv_cap);
       o[i] = Tout::store(d);
     }
     if (tg >= 0) {
       float d = math::policy_grad(zt, value, inv_tau, gv) + a.grad_target[r];
+      if constexpr (kSum) d += gs;
       if constexpr (kCap) d *= math::softcap_grad(zt, spec.inv_cap);
       o[tg] = Tout::store(d);
     }
   }
+}
+
+template <typename Tin, typename Tout, Cap kMode>
+IQ_INLINE void grad_dispatch_sum(const GradArgs& a, int64_t r0, int64_t r1) {
+  if (a.grad_sum != nullptr) grad_rows<Tin, Tout, kMode, true>(a, r0, r1);
+  else grad_rows<Tin, Tout, kMode, false>(a, r0, r1);
 }
 
 // A capped block only occurs in place (in == out), which is all that is
@@ -272,10 +311,11 @@ IQ_INLINE void grad_rows(const GradArgs& a, int64_t r0, int64_t r1) {
 template <typename Tin, typename Tout>
 IQ_INLINE void grad_dispatch_cap(const GradArgs& a, Cap cap, int64_t r0, int64_t r1) {
   switch (cap) {
-    case Cap::kNone: grad_rows<Tin, Tout, Cap::kNone>(a, r0, r1); break;
-    case Cap::kRaw: grad_rows<Tin, Tout, Cap::kRaw>(a, r0, r1); break;
+    case Cap::kNone: grad_dispatch_sum<Tin, Tout, Cap::kNone>(a, r0, r1); break;
+    case Cap::kRaw: grad_dispatch_sum<Tin, Tout, Cap::kRaw>(a, r0, r1); break;
     case Cap::kCapped:
-      if constexpr (std::is_same_v<Tin, Tout>) grad_rows<Tin, Tout, Cap::kCapped>(a, r0, r1);
+      if constexpr (std::is_same_v<Tin, Tout>)
+        grad_dispatch_sum<Tin, Tout, Cap::kCapped>(a, r0, r1);
       break;
   }
 }
@@ -361,11 +401,13 @@ void check_targets(const int64_t* tg, int64_t n, int64_t vocab) {
 // Rows per thread task: enough elements that scheduling is negligible.
 int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
 
-using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// value, target_logit, entropy, argmax, max_logit, logit_sum
+using Stats =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Stats run_stats(const at::Tensor& logits, const at::Tensor& targets_in, double temperature,
                 const std::optional<double>& softcap, bool entropy, bool argmax,
-                bool write_capped) {
+                bool logit_sum, bool write_capped) {
   check_logits(logits, "logits");
   check_rows(targets_in, logits, at::kLong, "targets");
   check_cpu(logits, "logits");
@@ -380,7 +422,8 @@ Stats run_stats(const at::Tensor& logits, const at::Tensor& targets_in, double t
   at::Tensor ent = at::empty({entropy ? n : 0}, fopt);
   at::Tensor amax = at::empty({argmax ? n : 0}, fopt.dtype(at::kLong));
   at::Tensor maxl = at::empty({argmax ? n : 0}, fopt);
-  if (n == 0) return {value, target_logit, ent, amax, maxl};
+  at::Tensor zsum = at::empty({logit_sum ? n : 0}, fopt);
+  if (n == 0) return {value, target_logit, ent, amax, maxl, zsum};
 
   const StatsArgs a{logits.data_ptr(),
                     logits.stride(0),
@@ -392,29 +435,32 @@ Stats run_stats(const at::Tensor& logits, const at::Tensor& targets_in, double t
                     entropy ? ent.data_ptr<float>() : nullptr,
                     argmax ? amax.data_ptr<int64_t>() : nullptr,
                     argmax ? maxl.data_ptr<float>() : nullptr,
+                    logit_sum ? zsum.data_ptr<float>() : nullptr,
                     write_capped};
   const Dtype dtype = dtype_of(logits.scalar_type());
   const bool cap = softcap.has_value();
   at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
     stats_range(a, dtype, cap, entropy, r0, r1);
   });
-  return {value, target_logit, ent, amax, maxl};
+  return {value, target_logit, ent, amax, maxl, zsum};
 }
 
 Stats row_stats_cpu(const at::Tensor& logits, const at::Tensor& targets, double temperature,
-                    std::optional<double> softcap, bool entropy, bool argmax) {
-  return run_stats(logits, targets, temperature, softcap, entropy, argmax, false);
+                    std::optional<double> softcap, bool entropy, bool argmax, bool logit_sum) {
+  return run_stats(logits, targets, temperature, softcap, entropy, argmax, logit_sum, false);
 }
 
 Stats row_stats_capped_cpu(const at::Tensor& logits, const at::Tensor& targets,
-                           double temperature, double softcap, bool entropy, bool argmax) {
-  return run_stats(logits, targets, temperature, softcap, entropy, argmax, true);
+                           double temperature, double softcap, bool entropy, bool argmax,
+                           bool logit_sum) {
+  return run_stats(logits, targets, temperature, softcap, entropy, argmax, logit_sum, true);
 }
 
 void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::Tensor& value,
               const at::Tensor& grad_value, const at::Tensor& grad_target, double temperature,
-              const std::optional<double>& softcap, bool is_capped, const at::Tensor& out) {
-  check_grad_args(logits, targets_in, value, grad_value, grad_target);
+              const std::optional<double>& softcap, bool is_capped, const at::Tensor& out,
+              const std::optional<at::Tensor>& grad_sum) {
+  check_grad_args(logits, targets_in, value, grad_value, grad_target, grad_sum);
   TORCH_CHECK(!is_capped || softcap.has_value(), "fastirl: capped=True needs a softcap");
   check_cpu(logits, "logits");
   const Spec spec = make_spec(temperature, softcap);
@@ -424,6 +470,7 @@ void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::
   check_targets(targets.data_ptr<int64_t>(), n, V);
   const at::Tensor v = value.contiguous(), gv = grad_value.contiguous(),
                    gt = grad_target.contiguous();
+  const at::Tensor gs = grad_sum.has_value() ? grad_sum->contiguous() : at::Tensor();
   const GradArgs a{logits.data_ptr(),
                    logits.stride(0),
                    out.data_ptr(),
@@ -433,6 +480,7 @@ void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::
                    v.data_ptr<float>(),
                    gv.data_ptr<float>(),
                    gt.data_ptr<float>(),
+                   gs.defined() ? gs.data_ptr<float>() : nullptr,
                    spec};
   const Dtype in = dtype_of(logits.scalar_type()), od = dtype_of(out.scalar_type());
   const Cap cap = !softcap.has_value() ? Cap::kNone : is_capped ? Cap::kCapped : Cap::kRaw;
@@ -445,16 +493,20 @@ void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::
 void row_grad_inplace_cpu(const at::Tensor& logits, const at::Tensor& targets,
                           const at::Tensor& value, const at::Tensor& grad_value,
                           const at::Tensor& grad_target, double temperature,
-                          std::optional<double> softcap, bool capped) {
-  run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, capped, logits);
+                          std::optional<double> softcap, bool capped,
+                          const std::optional<at::Tensor>& grad_sum) {
+  run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, capped, logits,
+           grad_sum);
 }
 
 void row_grad_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& value,
                   const at::Tensor& grad_value, const at::Tensor& grad_target,
-                  double temperature, std::optional<double> softcap, const at::Tensor& out) {
+                  double temperature, std::optional<double> softcap, const at::Tensor& out,
+                  const std::optional<at::Tensor>& grad_sum) {
   check_logits(logits, "logits");
   check_out(out, logits);
-  run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, false, out);
+  run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, false, out,
+           grad_sum);
 }
 
 void acc_add_cpu(const at::Tensor& acc, const at::Tensor& src) {

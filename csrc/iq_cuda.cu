@@ -4,10 +4,13 @@
 //
 //   row_stats_kernel  one block per row: each thread streams its part of the
 //                     row with 16-byte vector loads, keeping an online
-//                     (max, sum-exp, sum e*u) state and a running argmax in
-//                     float32; warp shuffles, then shared memory, merge them.
+//                     (max, sum-exp, sum e*u) state, a running argmax and
+//                     (kSum) the plain sum of the capped logits in float32;
+//                     warp shuffles, then shared memory, merge them.
 //   row_grad_kernel   elementwise over (rows, vocabulary) with 16-byte vector
-//                     loads and stores: dz = (gv p + gt onehot) softcap'.
+//                     loads and stores: dz = (gv p + gt onehot (+ gs)) softcap'.
+// kSum is a template flag of both kernels: without a logit sum / grad_sum the
+// kernels launched are exactly the ones without those terms.
 // All indexing into the blocks is int64.  Rows whose start is not 16-byte
 // aligned (odd vocabulary sizes) run a scalar head until it is.
 //
@@ -96,6 +99,8 @@ __device__ __forceinline__ float cap_logit(float z, float cap, float inv_cap) {
 
 // --------------------------------------------------------------- statistics
 
+// (the logit sum is only exchanged when kSum: otherwise it is the constant 0)
+template <bool kSum>
 __device__ __forceinline__ ThreadStats shfl_xor(ThreadStats a, int lane_mask) {
   ThreadStats b;
   b.lse.m = __shfl_xor_sync(0xffffffffu, a.lse.m, lane_mask);
@@ -103,6 +108,7 @@ __device__ __forceinline__ ThreadStats shfl_xor(ThreadStats a, int lane_mask) {
   b.lse.t = __shfl_xor_sync(0xffffffffu, a.lse.t, lane_mask);
   b.best.v = __shfl_xor_sync(0xffffffffu, a.best.v, lane_mask);
   b.best.i = __shfl_xor_sync(0xffffffffu, a.best.i, lane_mask);
+  b.sum = kSum ? __shfl_xor_sync(0xffffffffu, a.sum, lane_mask) : 0.0f;
   return b;
 }
 
@@ -110,13 +116,17 @@ __device__ __forceinline__ ThreadStats shfl_xor(ThreadStats a, int lane_mask) {
 // outside [-1, V) gets NaN value and target logit (checked without a device
 // sync; the engine validates targets before any kernel runs).  `k` is
 // log2(e) / tau: base-2 exponentials (math::Base2).
-template <typename T, bool kCap>
+// kSum: Z = sum_v z_c,v, the capped logits' plain sum (no shift, so threads,
+// warps and the block merge it by addition: RowState::sum, math::row_merge);
+// one add per logit in the loops below, NaN propagating (NaN policy).
+template <typename T, bool kCap, bool kSum>
 __global__ void __launch_bounds__(kThreads)
 row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, int64_t n,
                  int64_t V, const int64_t* __restrict__ targets, float tau, float k,
                  float cap, float inv_cap, bool ent, bool amax, float* __restrict__ value,
                  float* __restrict__ target_logit, float* __restrict__ entropy,
-                 int64_t* __restrict__ argmax, float* __restrict__ max_logit) {
+                 int64_t* __restrict__ argmax, float* __restrict__ max_logit,
+                 float* __restrict__ logit_sum) {
   using S = typename T::storage;
   constexpr int kVec = 16 / sizeof(S);
   __shared__ ThreadStats warp_stats[kWarps];
@@ -127,7 +137,7 @@ row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, 
     const int64_t head = min(head_elems(row, 16), V);
     for (int64_t i = threadIdx.x; i < head; i += kThreads)
       math::row_accumulate<Base2>(st, cap_logit<kCap>(T::load(row[i]), cap, inv_cap), i, k, ent,
-                                  amax);
+                                  amax, kSum);
     const int64_t nvec = (V - head) / kVec;
     const Pack<S, kVec>* vrow = reinterpret_cast<const Pack<S, kVec>*>(row + head);
     for (int64_t vi = threadIdx.x; vi < nvec; vi += kThreads) {
@@ -148,20 +158,23 @@ row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, 
         st.lse.s += e.e;
         if (ent) st.lse.t += e.eu;
         if (amax) st.best = math::argmax_merge(st.best, ArgMax{c[j], base + j});
+        if (kSum) st.sum += c[j];
       }
     }
     for (int64_t i = head + nvec * kVec + threadIdx.x; i < V; i += kThreads)
       math::row_accumulate<Base2>(st, cap_logit<kCap>(T::load(row[i]), cap, inv_cap), i, k, ent,
-                                  amax);
+                                  amax, kSum);
 
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) st = math::row_merge<Base2>(st, shfl_xor(st, off), k);
+    for (int off = 16; off > 0; off /= 2)
+      st = math::row_merge<Base2>(st, shfl_xor<kSum>(st, off), k);
     if (lane == 0) warp_stats[warp] = st;
     __syncthreads();
     if (warp == 0) {
       st = lane < kWarps ? warp_stats[lane] : math::row_empty();
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) st = math::row_merge<Base2>(st, shfl_xor(st, off), k);
+      for (int off = 16; off > 0; off /= 2)
+        st = math::row_merge<Base2>(st, shfl_xor<kSum>(st, off), k);
       if (lane == 0) {
         const float log_s = logf(st.lse.s);
         const int64_t tg = targets[r];
@@ -175,6 +188,7 @@ row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, 
           argmax[r] = st.best.i;
           max_logit[r] = st.best.v;
         }
+        if (kSum) logit_sum[r] = st.sum;
       }
     }
     __syncthreads();  // warp_stats is reused by the next row
@@ -185,23 +199,27 @@ row_stats_kernel(const typename T::storage* __restrict__ z, int64_t row_stride, 
 
 // `pre`: the block holds capped logits already (row_stats_capped_, CPU only so
 // far; the flag is accepted here so that both devices share the op schema).
-template <bool kCap>
+template <bool kCap, bool kSum>
 __device__ __forceinline__ float grad_elem(float zraw, int64_t idx, int64_t tg, float value,
-                                           float k, float gv, float gt, float cap,
+                                           float k, float gv, float gt, float gs, float cap,
                                            float inv_cap, bool pre) {
-  return math::row_grad_elem<Base2, kCap>(zraw, idx, tg, value, k, gv, gt, cap, inv_cap, pre);
+  return math::row_grad_elem<Base2, kCap, kSum>(zraw, idx, tg, value, k, gv, gt, gs, cap,
+                                                inv_cap, pre);
 }
 
 // Grid: x over the vocabulary, y over rows (grid-stride).  `out` may be `z`
 // itself (same type and strides): each element is read before it is written
 // by the same thread.
-template <typename Tin, typename Tout, bool kCap>
+// kSum: grad_sum[r] (the coefficient of dL/dZ, dZ/dz_c,v = 1) is added to every
+// column before the soft-cap derivative (math::row_grad_elem): one load per
+// row, one add per element; without it grad_sum is never read.
+template <typename Tin, typename Tout, bool kCap, bool kSum>
 __global__ void __launch_bounds__(kThreads)
 row_grad_kernel(const typename Tin::storage* z, int64_t z_stride, typename Tout::storage* out,
                 int64_t out_stride, int64_t n, int64_t V, const int64_t* __restrict__ targets,
                 const float* __restrict__ value, const float* __restrict__ grad_value,
-                const float* __restrict__ grad_target, float k, float cap, float inv_cap,
-                bool pre) {
+                const float* __restrict__ grad_target, const float* __restrict__ grad_sum,
+                float k, float cap, float inv_cap, bool pre) {
   using Si = typename Tin::storage;
   using So = typename Tout::storage;
   constexpr int kVec = 16 / (sizeof(Si) > sizeof(So) ? sizeof(Si) : sizeof(So));
@@ -213,6 +231,7 @@ row_grad_kernel(const typename Tin::storage* z, int64_t z_stride, typename Tout:
     const float v = value[r], gv = grad_value[r];
     const int64_t tg = targets[r];
     const float gt = grad_target[r];
+    const float gs = kSum ? grad_sum[r] : 0.0f;
     // Vector loads need the same misalignment (in elements) of input and output.
     int64_t head = head_elems(zr, sizeof(Si) * kVec);
     if (head != head_elems(orow, sizeof(So) * kVec)) head = V;
@@ -220,7 +239,7 @@ row_grad_kernel(const typename Tin::storage* z, int64_t z_stride, typename Tout:
     const int64_t nvec = (V - head) / kVec;
     for (int64_t i = tid; i < head; i += stride_x)
       orow[i] = Tout::store(
-          grad_elem<kCap>(Tin::load(zr[i]), i, tg, v, k, gv, gt, cap, inv_cap, pre));
+          grad_elem<kCap, kSum>(Tin::load(zr[i]), i, tg, v, k, gv, gt, gs, cap, inv_cap, pre));
     const auto* vin = reinterpret_cast<const Pack<Si, kVec>*>(zr + head);
     auto* vout = reinterpret_cast<Pack<So, kVec>*>(orow + head);
     for (int64_t vi = tid; vi < nvec; vi += stride_x) {
@@ -229,33 +248,36 @@ row_grad_kernel(const typename Tin::storage* z, int64_t z_stride, typename Tout:
       const int64_t base = head + vi * kVec;
 #pragma unroll
       for (int j = 0; j < kVec; ++j)
-        q.v[j] = Tout::store(grad_elem<kCap>(Tin::load(p.v[j]), base + j, tg, v, k, gv, gt,
-                                             cap, inv_cap, pre));
+        q.v[j] = Tout::store(grad_elem<kCap, kSum>(Tin::load(p.v[j]), base + j, tg, v, k, gv,
+                                                   gt, gs, cap, inv_cap, pre));
       vout[vi] = q;
     }
     for (int64_t i = head + nvec * kVec + tid; i < V; i += stride_x)
       orow[i] = Tout::store(
-          grad_elem<kCap>(Tin::load(zr[i]), i, tg, v, k, gv, gt, cap, inv_cap, pre));
+          grad_elem<kCap, kSum>(Tin::load(zr[i]), i, tg, v, k, gv, gt, gs, cap, inv_cap, pre));
   }
 }
 
 #if defined(FASTIRL_KERNELS_ONLY)
 
 // Every kernel the launchers below can start, for the ptxas check.
-#define IQ_STATS(T, CAP)                                                                   \
-  template __global__ void row_stats_kernel<T, CAP>(                                       \
+#define IQ_STATS(T, CAP, SUM)                                                              \
+  template __global__ void row_stats_kernel<T, CAP, SUM>(                                  \
       const T::storage*, int64_t, int64_t, int64_t, const int64_t*, float, float, float,  \
-      float, bool, bool, float*, float*, float*, int64_t*, float*);
-#define IQ_GRAD(TI, TO, CAP)                                                                \
-  template __global__ void row_grad_kernel<TI, TO, CAP>(                                   \
+      float, bool, bool, float*, float*, float*, int64_t*, float*, float*);
+#define IQ_GRAD(TI, TO, CAP, SUM)                                                           \
+  template __global__ void row_grad_kernel<TI, TO, CAP, SUM>(                              \
       const TI::storage*, int64_t, TO::storage*, int64_t, int64_t, int64_t, const int64_t*, \
-      const float*, const float*, const float*, float, float, float, bool);
-#define IQ_GRAD_OUT(TI, CAP) IQ_GRAD(TI, F32, CAP) IQ_GRAD(TI, BF16, CAP) IQ_GRAD(TI, F16, CAP)
-#define IQ_ALL(CAP) \
-  IQ_STATS(F32, CAP) IQ_STATS(BF16, CAP) IQ_STATS(F16, CAP) \
-  IQ_GRAD_OUT(F32, CAP) IQ_GRAD_OUT(BF16, CAP) IQ_GRAD_OUT(F16, CAP)
-IQ_ALL(false)
-IQ_ALL(true)
+      const float*, const float*, const float*, const float*, float, float, float, bool);
+#define IQ_GRAD_OUT(TI, CAP, SUM) \
+  IQ_GRAD(TI, F32, CAP, SUM) IQ_GRAD(TI, BF16, CAP, SUM) IQ_GRAD(TI, F16, CAP, SUM)
+#define IQ_ALL(CAP, SUM)                                                    \
+  IQ_STATS(F32, CAP, SUM) IQ_STATS(BF16, CAP, SUM) IQ_STATS(F16, CAP, SUM) \
+  IQ_GRAD_OUT(F32, CAP, SUM) IQ_GRAD_OUT(BF16, CAP, SUM) IQ_GRAD_OUT(F16, CAP, SUM)
+IQ_ALL(false, false)
+IQ_ALL(true, false)
+IQ_ALL(false, true)
+IQ_ALL(true, true)
 
 #else  // launchers and registration
 
@@ -277,9 +299,9 @@ void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
               " must be on the logits' device ", like.device(), ", got ", t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_cuda(
-    const at::Tensor& logits, const at::Tensor& targets_in, double temperature,
-    std::optional<double> softcap, bool entropy, bool argmax) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+row_stats_cuda(const at::Tensor& logits, const at::Tensor& targets_in, double temperature,
+               std::optional<double> softcap, bool entropy, bool argmax, bool logit_sum) {
   check_logits(logits, "logits");
   check_rows(targets_in, logits, at::kLong, "targets");
   const Spec spec = make_spec(temperature, softcap);
@@ -291,7 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats
   at::Tensor ent = at::empty({entropy ? n : 0}, fopt);
   at::Tensor amax = at::empty({argmax ? n : 0}, fopt.dtype(at::kLong));
   at::Tensor maxl = at::empty({argmax ? n : 0}, fopt);
-  if (n == 0) return {value, target_logit, ent, amax, maxl};
+  at::Tensor zsum = at::empty({logit_sum ? n : 0}, fopt);
+  if (n == 0) return {value, target_logit, ent, amax, maxl, zsum};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(n, 1 << 30));
   dispatch_type(logits.scalar_type(), [&](auto tag) {
@@ -304,19 +327,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats
           spec.inv_cap, entropy,
           argmax, value.data_ptr<float>(), target_logit.data_ptr<float>(),
           entropy ? ent.data_ptr<float>() : nullptr, argmax ? amax.data_ptr<int64_t>() : nullptr,
-          argmax ? maxl.data_ptr<float>() : nullptr);
+          argmax ? maxl.data_ptr<float>() : nullptr,
+          logit_sum ? zsum.data_ptr<float>() : nullptr);
     };
-    if (softcap.has_value()) launch(row_stats_kernel<T, true>);
-    else launch(row_stats_kernel<T, false>);
+    if (softcap.has_value()) {
+      if (logit_sum) launch(row_stats_kernel<T, true, true>);
+      else launch(row_stats_kernel<T, true, false>);
+    } else {
+      if (logit_sum) launch(row_stats_kernel<T, false, true>);
+      else launch(row_stats_kernel<T, false, false>);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {value, target_logit, ent, amax, maxl};
+  return {value, target_logit, ent, amax, maxl, zsum};
 }
 
 void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::Tensor& value,
               const at::Tensor& grad_value, const at::Tensor& grad_target, double temperature,
-              const std::optional<double>& softcap, bool is_capped, const at::Tensor& out) {
-  check_grad_args(logits, targets_in, value, grad_value, grad_target);
+              const std::optional<double>& softcap, bool is_capped, const at::Tensor& out,
+              const std::optional<at::Tensor>& grad_sum) {
+  check_grad_args(logits, targets_in, value, grad_value, grad_target, grad_sum);
   check_cuda(logits, logits, "logits");
   TORCH_CHECK(!is_capped || softcap.has_value(), "fastirl: capped=True needs a softcap");
   const Spec spec = make_spec(temperature, softcap);
@@ -325,6 +355,7 @@ void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::
   if (n == 0) return;
   const at::Tensor targets = targets_in.contiguous(), v = value.contiguous(),
                    gv = grad_value.contiguous(), gt = grad_target.contiguous();
+  const at::Tensor gs = grad_sum.has_value() ? grad_sum->contiguous() : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   // Enough blocks along the vocabulary for ~4 vectors of 8 per thread.
   const int64_t per_block = static_cast<int64_t>(kThreads) * 8 * 4;
@@ -339,11 +370,16 @@ void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::
             static_cast<const typename Ti::storage*>(logits.data_ptr()), logits.stride(0),
             static_cast<typename To::storage*>(out.data_ptr()), out.stride(0), n, V,
             targets.data_ptr<int64_t>(), v.data_ptr<float>(), gv.data_ptr<float>(),
-            gt.data_ptr<float>(), Base2::scale(spec.inv_tau), spec.cap, spec.inv_cap,
-            is_capped);
+            gt.data_ptr<float>(), gs.defined() ? gs.data_ptr<float>() : nullptr,
+            Base2::scale(spec.inv_tau), spec.cap, spec.inv_cap, is_capped);
       };
-      if (softcap.has_value()) launch(row_grad_kernel<Ti, To, true>);
-      else launch(row_grad_kernel<Ti, To, false>);
+      if (softcap.has_value()) {
+        if (gs.defined()) launch(row_grad_kernel<Ti, To, true, true>);
+        else launch(row_grad_kernel<Ti, To, true, false>);
+      } else {
+        if (gs.defined()) launch(row_grad_kernel<Ti, To, false, true>);
+        else launch(row_grad_kernel<Ti, To, false, false>);
+      }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -352,16 +388,20 @@ void run_grad(const at::Tensor& logits, const at::Tensor& targets_in, const at::
 void row_grad_inplace_cuda(const at::Tensor& logits, const at::Tensor& targets,
                            const at::Tensor& value, const at::Tensor& grad_value,
                            const at::Tensor& grad_target, double temperature,
-                           std::optional<double> softcap, bool capped) {
-  run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, capped, logits);
+                           std::optional<double> softcap, bool capped,
+                           const std::optional<at::Tensor>& grad_sum) {
+  run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, capped, logits,
+           grad_sum);
 }
 
 void row_grad_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& value,
                    const at::Tensor& grad_value, const at::Tensor& grad_target,
-                   double temperature, std::optional<double> softcap, const at::Tensor& out) {
+                   double temperature, std::optional<double> softcap, const at::Tensor& out,
+                   const std::optional<at::Tensor>& grad_sum) {
   check_logits(logits, "logits");
   check_out(out, logits);
-  run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, false, out);
+  run_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, false, out,
+           grad_sum);
 }
 
 }  // namespace

@@ -10,7 +10,12 @@
 //   p    = exp((z_c - V) / tau)                 (policy)
 //   H    = log S - T / S, with S = sum_v e_v, T = sum_v e_v u_v,
 //          u_v = (z_c,v - M) / tau, e_v = exp(u_v), M = max_v z_c,v
-//   dz_v = (grad_value * p_v + grad_target * [v == target]) * (1 - (z_c,v / c)^2)
+//   Z    = sum_v z_c,v                          (logit sum, optional; before tau)
+//   dz_v = (grad_value * p_v + grad_target * [v == target] + grad_sum)
+//          * (1 - (z_c,v / c)^2)
+// grad_sum is the coefficient of dL/dZ: dZ/dz_c,v = 1 for every column, so it
+// is one more term added uniformly before the soft-cap derivative (which
+// applies to it as to the others: dz_c,v / dz_v = 1 - (z_c,v / c)^2).
 // Arithmetic is float32 throughout; a*b + c is fused where the target allows.
 #pragma once
 
@@ -252,38 +257,47 @@ IQ_HD ArgMax argmax_merge(ArgMax a, ArgMax b) {
 // The CUDA kernels' (iq_cuda.cu) per-logit work, host-compilable so that
 // tests/test_iq_math.py runs exactly these functions on the CPU.
 
-// A row's running statistics: online log-sum-exp and argmax.
+// A row's running statistics: online log-sum-exp, argmax and the plain sum of
+// the capped logits (Z above; 0 unless wanted).  The sum needs no shift: it
+// merges by addition, in any order (threads, tiles, vocabulary shards).
 struct RowState {
   LseState lse;
   ArgMax best;
+  float sum;
 };
 
-IQ_HD RowState row_empty() { return RowState{lse_empty(), ArgMax{neg_inf(), 0}}; }
+IQ_HD RowState row_empty() { return RowState{lse_empty(), ArgMax{neg_inf(), 0}, 0.0f}; }
 
 // Adds capped logit c at column idx.  NaN policy (every backend, as torch.max):
-// the max used as the shift skips NaN, the sums do not (V is NaN), and the
-// argmax / max logit report the first NaN.
+// the max used as the shift skips NaN, the sums do not (V and the logit sum
+// are NaN), and the argmax / max logit report the first NaN.
 template <typename B>
-IQ_HD void row_accumulate(RowState& st, float c, int64_t idx, float k, bool ent, bool amax) {
+IQ_HD void row_accumulate(RowState& st, float c, int64_t idx, float k, bool ent, bool amax,
+                          bool lsum) {
   if (c > st.lse.m) st.lse = lse_rescale<B>(st.lse, c, k);
   const ExpTerm e = exp_term<B>(c, safe_shift(st.lse.m), k);
   st.lse.s += e.e;
   if (ent) st.lse.t += e.eu;
   if (amax) st.best = argmax_merge(st.best, ArgMax{c, idx});
+  if (lsum) st.sum += c;
 }
 
 template <typename B>
 IQ_HD RowState row_merge(RowState a, RowState b, float k) {
-  return RowState{lse_merge<B>(a.lse, b.lse, k), argmax_merge(a.best, b.best)};
+  return RowState{lse_merge<B>(a.lse, b.lse, k), argmax_merge(a.best, b.best), a.sum + b.sum};
 }
 
 // dL/dz of one logit: raw logit z (or the capped one when `pre`), target column
-// tg, value V, coefficients gv, gt; cap / inv_cap 0 without a soft cap.
-template <typename B, bool kCap>
+// tg, value V, coefficients gv, gt (and gs, the uniform logit-sum coefficient,
+// read only when kSum: without it the element costs what it did before);
+// cap / inv_cap 0 without a soft cap.
+//   d = gv p + gt [idx == tg] (+ gs),  times 1 - (z_c / c)^2 with a cap.
+template <typename B, bool kCap, bool kSum = false>
 IQ_HD float row_grad_elem(float z, int64_t idx, int64_t tg, float value, float k, float gv,
-                          float gt, float cap, float inv_cap, bool pre) {
+                          float gt, float gs, float cap, float inv_cap, bool pre) {
   const float c = (pre || !kCap) ? z : cap * tanh_<B>(z * inv_cap);
   float d = policy_grad<B>(c, value, k, gv) + (idx == tg ? gt : 0.0f);
+  if (kSum) d += gs;
   if (kCap) d *= softcap_grad(c, inv_cap);
   return d;
 }

@@ -16,8 +16,9 @@ namespace fastirl {
 //
 // row_stats:         per-row statistics of a (n, V) logits block, raw (not capped):
 //                    returns (value (n,), target_logit (n,), entropy (n,) or (0,),
-//                    argmax int64 (n,) or (0,), max_logit (n,) or (0,)), float32
-//                    except argmax.
+//                    argmax int64 (n,) or (0,), max_logit (n,) or (0,),
+//                    logit_sum (n,) or (0,)), float32 except argmax.  logit_sum
+//                    is the row sum of the capped logits (before the temperature).
 // row_stats_capped_: the same with a soft cap, and the block is overwritten with
 //                    the capped logits c * tanh(z / c) (CPU only), so that
 //                    row_grad_(..., capped=True) needs no second tanh.
@@ -25,18 +26,25 @@ namespace fastirl {
 //                    with dL/dz.
 // row_grad:          writes dL/dz of the raw logits block into `out` (n, V),
 //                    which must not overlap `logits` (use row_grad_ for that).
+// grad_sum (both row_grad ops): float32 (n,) added to every column of dL/dz
+//                    before the soft-cap derivative, or None (no such term; the
+//                    kernels without it run).
 inline constexpr const char* kSchemaRowStats =
     "row_stats(Tensor logits, Tensor targets, float temperature, float? softcap, "
-    "bool entropy, bool argmax) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
+    "bool entropy, bool argmax, bool logit_sum=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
 inline constexpr const char* kSchemaRowStatsCapped =
     "row_stats_capped_(Tensor(a!) logits, Tensor targets, float temperature, float softcap, "
-    "bool entropy, bool argmax) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
+    "bool entropy, bool argmax, bool logit_sum=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
 inline constexpr const char* kSchemaRowGradInplace =
     "row_grad_(Tensor(a!) logits, Tensor targets, Tensor value, Tensor grad_value, "
-    "Tensor grad_target, float temperature, float? softcap, bool capped=False) -> ()";
+    "Tensor grad_target, float temperature, float? softcap, bool capped=False, "
+    "Tensor? grad_sum=None) -> ()";
 inline constexpr const char* kSchemaRowGrad =
     "row_grad(Tensor logits, Tensor targets, Tensor value, Tensor grad_value, "
-    "Tensor grad_target, float temperature, float? softcap, Tensor(a!) out) -> ()";
+    "Tensor grad_target, float temperature, float? softcap, Tensor(a!) out, "
+    "Tensor? grad_sum=None) -> ()";
 
 inline Spec make_spec(double temperature, const std::optional<double>& softcap) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
@@ -88,12 +96,14 @@ inline void check_rows(const at::Tensor& t, const at::Tensor& like, at::ScalarTy
 
 inline void check_grad_args(const at::Tensor& logits, const at::Tensor& targets,
                             const at::Tensor& value, const at::Tensor& grad_value,
-                            const at::Tensor& grad_target) {
+                            const at::Tensor& grad_target,
+                            const std::optional<at::Tensor>& grad_sum) {
   check_logits(logits, "logits");
   check_rows(targets, logits, at::kLong, "targets");
   check_rows(value, logits, at::kFloat, "value");
   check_rows(grad_value, logits, at::kFloat, "grad_value");
   check_rows(grad_target, logits, at::kFloat, "grad_target");
+  if (grad_sum.has_value()) check_rows(*grad_sum, logits, at::kFloat, "grad_sum");
 }
 
 inline void check_out(const at::Tensor& out, const at::Tensor& logits) {

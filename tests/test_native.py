@@ -55,13 +55,16 @@ def truth_stats(z, targets, tau, cap):
     return value, q, ent, am, mx
 
 
-def truth_grad(z, targets, value, gv, gt, tau, cap):
-    """Float64 dL/dz (on the CPU) of raw logits z given V and the coefficients."""
+def truth_grad(z, targets, value, gv, gt, tau, cap, gs=None):
+    """Float64 dL/dz (on the CPU) of raw logits z given V and the coefficients
+    (gs: the uniform logit-sum coefficient, or None)."""
     z, targets, value, gv, gt = (a.cpu() for a in (z.double(), targets, value, gv, gt))
     zc = cap * torch.tanh(z / cap) if cap is not None else z
     d = gv.double()[:, None] * torch.exp((zc - value.double()[:, None]) / tau)
     rows = torch.nonzero(targets >= 0)[:, 0]
     d[rows, targets[rows]] += gt.double()[rows]
+    if gs is not None:
+        d += gs.double().cpu()[:, None]
     if cap is not None:
         d = d * (1 - (zc / cap) ** 2)
     return d
@@ -87,10 +90,17 @@ def check_row_stats(device, V, cap, tau, dtype=torch.float32, n=11, strided=Fals
     if strided:                       # row stride != V: a column slice of a wider block
         z = z[:, 2:2 + V]
         t = t.clamp(max=V - 1)
-    v, q, e, a, m = ops.row_stats(z, t, tau, cap, True, True)
+    v, q, e, a, m, s = ops.row_stats(z, t, tau, cap, True, True, True)
     tv, tq, te, ta, tm = truth_stats(z, t.cpu(), tau, cap)
-    assert v.dtype == q.dtype == e.dtype == m.dtype == torch.float32 and a.dtype == torch.int64
+    assert v.dtype == q.dtype == e.dtype == m.dtype == s.dtype == torch.float32
+    assert a.dtype == torch.int64
     close(v, tv, 2e-6, 2e-6, "value")
+    # the row sum of the capped logits: float32 accumulation over V elements
+    zc64 = z.double().cpu()
+    if cap is not None:
+        zc64 = cap * torch.tanh(zc64 / cap)
+    serr = (s.double().cpu() - zc64.sum(1)).abs()
+    assert torch.all(serr <= 1e-6 * zc64.abs().sum(1).clamp(min=1.0)), ("logit_sum", serr.max())
     close(q, tq, 2e-6, 2e-6, "target_logit")
     close(e, te, 2e-6, 2e-6, "entropy")
     close(m, tm, 2e-6, 2e-6, "max_logit")
@@ -100,25 +110,27 @@ def check_row_stats(device, V, cap, tau, dtype=torch.float32, n=11, strided=Fals
         zc = cap * torch.tanh(zc / cap)
     at_argmax = zc.gather(1, a.cpu()[:, None])[:, 0]
     assert torch.all((a.cpu() == ta) | (tm - at_argmax < 1e-5)), "argmax"
-    v2, q2, e2, a2, m2 = ops.row_stats(z, t, tau, cap, False, False)
-    assert e2.numel() == a2.numel() == m2.numel() == 0
+    v2, q2, e2, a2, m2, s2 = ops.row_stats(z, t, tau, cap, False, False)
+    assert e2.numel() == a2.numel() == m2.numel() == s2.numel() == 0
     assert torch.equal(v2, v) and torch.equal(q2, q)
 
 
-def check_row_grad(device, V, cap, tau, dtype=torch.float32, out_dtype=None, n=9):
+def check_row_grad(device, V, cap, tau, dtype=torch.float32, out_dtype=None, n=9,
+                   grad_sum=False):
     z, t = random_block(n, V, device, dtype, seed=V + 1)
     value = truth_stats(z, t.cpu(), tau, cap)[0].float().to(device)
     g = torch.Generator().manual_seed(1)
     gv = torch.randn(n, generator=g).to(device)
     gt = torch.randn(n, generator=g).to(device)
-    want = truth_grad(z.cpu(), t.cpu(), value.cpu(), gv.cpu(), gt.cpu(), tau, cap)
+    gs = torch.randn(n, generator=g).to(device) if grad_sum else None
+    want = truth_grad(z.cpu(), t.cpu(), value.cpu(), gv.cpu(), gt.cpu(), tau, cap, gs)
     tol = 2e-6 if dtype == torch.float32 and out_dtype in (None, torch.float32) else 1e-2
     if out_dtype is None:             # in place
         got = z.clone()
-        ops.row_grad_(got, t, value, gv, gt, tau, cap)
+        ops.row_grad_(got, t, value, gv, gt, tau, cap, False, gs)
     else:
         got = torch.full((n, V), float("nan"), dtype=out_dtype, device=device)
-        ops.row_grad(z, t, value, gv, gt, tau, cap, got)
+        ops.row_grad(z, t, value, gv, gt, tau, cap, got, gs)
     close(got, want, tol, tol, "grad")
 
 
@@ -192,10 +204,11 @@ def test_row_stats_strided_rows(cap):
     check_row_stats("cpu", 333, cap, 1.0, strided=True)
 
 
+@pytest.mark.parametrize("grad_sum", [False, True], ids=["", "grad_sum"])
 @pytest.mark.parametrize("V", [1, 17, 2049])
 @pytest.mark.parametrize("cap,tau", [(None, 1.0), (5.0, 0.7)])
-def test_row_grad_inplace(V, cap, tau):
-    check_row_grad("cpu", V, cap, tau)
+def test_row_grad_inplace(V, cap, tau, grad_sum):
+    check_row_grad("cpu", V, cap, tau, grad_sum=grad_sum)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -227,6 +240,7 @@ def test_capped_in_place_path(dtype):
 def test_row_grad_out(dtype, out_dtype):
     check_row_grad("cpu", 301, 5.0, 0.9, dtype=dtype, out_dtype=out_dtype)
     check_row_grad("cpu", 301, None, 1.0, dtype=dtype, out_dtype=out_dtype)
+    check_row_grad("cpu", 301, 5.0, 0.9, dtype=dtype, out_dtype=out_dtype, grad_sum=True)
 
 
 def test_extreme_logits():
@@ -235,11 +249,13 @@ def test_extreme_logits():
                       [1e-3, 2e-3, float("nan"), 0.0],         # NaN poisons the row
                       [-87.0, -87.5, -88.0, -200.0]])          # every exp underflows but one
     t = torch.tensor([0, -1, 1, 3])
-    v, q, e, a, m = ops.row_stats(z, t, 1.0, None, True, True)
+    v, q, e, a, m, s = ops.row_stats(z, t, 1.0, None, True, True, True)
     tv = truth_stats(z, t, 1.0, None)[0]
     assert v[0].item() == pytest.approx(tv[0].item(), rel=1e-6)
     assert v[1].item() == float("-inf") and q[1].item() == 0.0
-    assert torch.isnan(v[2])
+    assert torch.isnan(v[2]) and torch.isnan(s[2])               # NaN policy: the sum too
+    assert s[0].item() == float("-inf") and s[1].item() == float("-inf")
+    assert s[3].item() == pytest.approx(-462.5, rel=1e-6)
     assert v[3].item() == pytest.approx(tv[3].item(), rel=1e-6)
     assert a[0].item() == 0 and a[1].item() == 0 and a[3].item() == 0
     # the masked entry of row 0 gets exactly zero gradient, the rest matches
@@ -488,6 +504,9 @@ def test_bad_inputs_raise_python_errors():
         (lambda: ops.row_stats(z[:, :0], t, 1.0, None, False, False), "empty vocabulary"),
         (lambda: ops.row_grad_(z.clone(), t, v[:2], gv, gt, 1.0, None), "value"),
         (lambda: ops.row_grad_(z.clone(), t, v, gv.double(), gt, 1.0, None), "grad_value"),
+        (lambda: ops.row_grad_(z.clone(), t, v, gv, gt, 1.0, None, False, gv[:3]), "grad_sum"),
+        (lambda: ops.row_grad(z, t, v, gv, gt, 1.0, None, torch.empty(4, 10), gv.double()),
+         "grad_sum"),
         (lambda: ops.row_grad(z, t, v, gv, gt, 1.0, None, z), "overlaps"),
         (lambda: ops.row_grad(z, t, v, gv, gt, 1.0, None, torch.empty(4, 9)), "shape"),
     ]
@@ -500,22 +519,29 @@ def test_opcheck_and_compile():
     z, t = random_block(6, 37, "cpu")
     v = ops.row_stats(z, t, 1.0, None, False, False)[0]
     gv, gt = torch.randn(6), torch.randn(6)
+    gs = torch.randn(6)
     for args, op in [((z, t, 0.9, 5.0, True, True), ops.row_stats.default),
                      ((z, t, 1.0, None, False, False), ops.row_stats.default),
+                     ((z, t, 0.9, 5.0, False, True, True), ops.row_stats.default),
                      ((z.clone(), t, 0.9, 5.0, True, False), ops.row_stats_capped_.default),
+                     ((z.clone(), t, 0.9, 5.0, True, False, True),
+                      ops.row_stats_capped_.default),
                      ((z.clone(), t, v, gv, gt, 1.0, 5.0), ops.row_grad_.default),
                      ((z.clone(), t, v, gv, gt, 1.0, 5.0, True), ops.row_grad_.default),
-                     ((z, t, v, gv, gt, 1.0, None, torch.empty_like(z)), ops.row_grad.default)]:
+                     ((z.clone(), t, v, gv, gt, 1.0, 5.0, True, gs), ops.row_grad_.default),
+                     ((z, t, v, gv, gt, 1.0, None, torch.empty_like(z)), ops.row_grad.default),
+                     ((z, t, v, gv, gt, 1.0, 5.0, torch.empty_like(z), gs),
+                      ops.row_grad.default)]:
         torch.library.opcheck(op, args)
 
-    def f(z, t, gv, gt):
-        v, q, e, a, m = ops.row_stats(z, t, 0.9, 5.0, True, True)
+    def f(z, t, gv, gt, gs):
+        v, q, e, a, m, s = ops.row_stats(z, t, 0.9, 5.0, True, True, True)
         d = z.clone()
-        ops.row_grad_(d, t, v, gv, gt, 0.9, 5.0)
-        return v, q, e, a, d
+        ops.row_grad_(d, t, v, gv, gt, 0.9, 5.0, grad_sum=gs)
+        return v, q, e, a, s, d
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    for a, b in zip(compiled(z, t, gv, gt), f(z, t, gv, gt)):
+    for a, b in zip(compiled(z, t, gv, gt, gs), f(z, t, gv, gt, gs)):
         assert torch.equal(a, b)
 
 
@@ -550,7 +576,8 @@ def _nvcc():
 
 
 ARCHS = ("80", "90")
-N_KERNELS = 24          # row_stats: 3 dtypes x softcap; row_grad: 3 x 3 dtypes x softcap
+# row_stats: 3 dtypes x softcap x logit sum; row_grad: 3 x 3 dtypes x softcap x grad_sum
+N_KERNELS = 48
 
 
 def _ptxas_report(log: str):

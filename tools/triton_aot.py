@@ -18,7 +18,7 @@ What "every launchable configuration" means here: every tile configuration of
 the logits kernels' for both; interpreter configs excluded), every input
 dtype, float32 dot precision (tf32x3 / tf32), every gradient mode
 (deterministic / fast, which of dx / dW / db), each with feature flags
-(bias, soft cap, entropy, argmax) all on and all off (``--flags extremes``,
+(bias, soft cap, entropy, argmax, logit sum, grad_sum) all on and all off (``--flags extremes``,
 the default) or in every combination (``--flags all``).
 Each is compiled with the two extreme divisibility specialisations a launch
 can get (see ``_specs``): every pointer and integer a multiple of 16, or the
@@ -124,27 +124,27 @@ def _arg_types(kernel: str, dt: str, flags: dict) -> dict:
     f32p, i64p, i32p = "*fp32", "*i64", "*i32"
     if kernel == "linear_fwd":
         return dict(x_ptr=X, w_ptr=X, b_ptr=X, tgt_ptr=i64p, pm_ptr=f32p, ps_ptr=f32p,
-                    pw_ptr=f32p, pq_ptr=f32p, pi_ptr=i32p, n="i32", V="i32", H="i32",
-                    stride_x="i32", stride_w="i32", vb_per_split="i32", nsplit="i32",
+                    pw_ptr=f32p, pq_ptr=f32p, pi_ptr=i32p, pz_ptr=f32p, n="i32", V="i32",
+                    H="i32", stride_x="i32", stride_w="i32", vb_per_split="i32", nsplit="i32",
                     group_m="i32", inv_tau="fp32", cap="fp32")
     if kernel == "linear_bwd_rows":
         return dict(x_ptr=X, w_ptr=X, b_ptr=X, tgt_ptr=i64p, value_ptr=f32p, gv_ptr=f32p,
-                    gt_ptr=f32p, dx_ptr=f32p, dw_ptr=f32p, db_ptr=f32p, n="i32", V="i32",
-                    H="i32", stride_x="i32", stride_w="i32", stride_dw="i32",
+                    gt_ptr=f32p, gs_ptr=f32p, dx_ptr=f32p, dw_ptr=f32p, db_ptr=f32p, n="i32",
+                    V="i32", H="i32", stride_x="i32", stride_w="i32", stride_dw="i32",
                     vb_per_split="i32", nsplit="i32", group_m="i32", stagger="i32",
                     inv_tau="fp32", cap="fp32")
     if kernel == "logits_stats":
         return dict(z_ptr=X, tgt_ptr=i64p, pm_ptr=f32p, ps_ptr=f32p, pw_ptr=f32p,
-                    pq_ptr=f32p, pi_ptr=i32p, n="i32", V="i32", stride_z="i32",
+                    pq_ptr=f32p, pi_ptr=i32p, pz_ptr=f32p, n="i32", V="i32", stride_z="i32",
                     vb_per_split="i32", inv_tau="fp32", cap="fp32")
     if kernel == "logits_grad":
         return dict(z_ptr=X, tgt_ptr=i64p, value_ptr=f32p, gv_ptr=f32p, gt_ptr=f32p,
-                    out_ptr=X, n="i32", V="i32", stride_z="i32", stride_o="i32",
+                    gs_ptr=f32p, out_ptr=X, n="i32", V="i32", stride_z="i32", stride_o="i32",
                     inv_tau="fp32", cap="fp32")
     if kernel == "merge":
         return dict(pm_ptr=f32p, ps_ptr=f32p, pw_ptr=f32p, pq_ptr=f32p, pi_ptr=i32p,
-                    value_ptr=f32p, q_ptr=f32p, ent_ptr=f32p,
-                    amax_ptr=i64p if flags["ARGMAX"] else i32p, maxl_ptr=f32p,
+                    pz_ptr=f32p, value_ptr=f32p, q_ptr=f32p, ent_ptr=f32p,
+                    amax_ptr=i64p if flags["ARGMAX"] else i32p, maxl_ptr=f32p, sum_ptr=f32p,
                     n="i32", nsplit="i32", tau="fp32", inv_tau="fp32")
     raise KeyError(kernel)
 
@@ -235,11 +235,11 @@ def _kernel_variants(kernel, key, cfg, dt, precs, flags):
         "merge": dict(BLOCK=cfg.block_m),
     }[kernel]
     names = {
-        "linear_fwd": ["HAS_BIAS", "SOFTCAP", "ENTROPY", "ARGMAX"],
-        "linear_bwd_rows": ["HAS_BIAS", "SOFTCAP"],
-        "logits_stats": ["SOFTCAP", "ENTROPY", "ARGMAX"],
-        "logits_grad": ["SOFTCAP"],
-        "merge": ["ENTROPY", "ARGMAX"],
+        "linear_fwd": ["HAS_BIAS", "SOFTCAP", "ENTROPY", "ARGMAX", "LOGIT_SUM"],
+        "linear_bwd_rows": ["HAS_BIAS", "SOFTCAP", "GRAD_SUM"],
+        "logits_stats": ["SOFTCAP", "ENTROPY", "ARGMAX", "LOGIT_SUM"],
+        "logits_grad": ["SOFTCAP", "GRAD_SUM"],
+        "merge": ["ENTROPY", "ARGMAX", "LOGIT_SUM"],
     }[kernel]
     for prec in precs[:1] if flags == "worst" else precs:
         for fl in _flag_sets(names, flags):

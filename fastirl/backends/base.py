@@ -3,9 +3,9 @@
 A backend knows nothing about IQ-Learn. For a block of rows it computes, from
 the logits ``z = x @ W.T (+ b)`` (optionally soft-capped, ``z <- c*tanh(z/c)``),
 per-row statistics (:class:`RowStats`) in float32, and later turns two per-row
-coefficients into gradients:
+coefficients (three with ``grad_sum``) into gradients:
 
-    dL/dz[v] = grad_value * p[v] + grad_target * [v == target]
+    dL/dz[v] = grad_value * p[v] + grad_target * [v == target] + grad_sum
     p        = softmax(z / temperature) = exp((z - value) / temperature)
 
 (times the soft-cap derivative ``1 - (z/c)**2`` at the capped logit), followed by
@@ -18,6 +18,14 @@ inputs, see :func:`acc_dtype`; "float32" below means that dtype).
 
 The same contract exists for callers that hold logits already
 (``logits_forward`` / ``logits_backward``), where ``x`` *is* the logits block.
+
+``logit_sum`` / ``grad_sum`` (label smoothing, whose smoothed target needs the
+row mean of the logits): the statistic is the row *sum* ``S = sum_v z[v]`` of
+the (capped) logits over the columns the backend was given, and ``grad_sum``
+is the coefficient of ``dL/dS``, added to every column of that block.  Sums
+(not means) because the engine may call a backend on a vocabulary shard or
+slab: shard sums add up, and the uniform coefficient stays per column; the
+engine divides by V itself.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class LogitSpec:
         reproducible dW / db).
     entropy: also compute the policy entropy H(softmax(z / tau)).
     argmax: also compute the argmax of z and the max logit.
+    logit_sum: also compute the row sum of the (capped) logits.
     """
 
     temperature: float = 1.0
@@ -65,6 +74,11 @@ class RowStats:
     entropy:      H = -sum_v p_v log p_v                   (n,) or None
     argmax:       argmax_v z (int64)                      (n,) or None
     max_logit:    max_v z                                 (n,) or None
+    logit_sum:    sum_v z over the block's columns        (n,) or None
+
+    z is the logit after the soft cap (when one is set) and before the
+    temperature.  A row holding a NaN logit has NaN value, max logit and
+    logit sum (see the NaN policy of the kernels).
     """
 
     value: torch.Tensor
@@ -99,9 +113,12 @@ class Backend(Protocol):
                  targets: torch.Tensor, value: torch.Tensor, grad_value: torch.Tensor,
                  grad_target: torch.Tensor, spec: LogitSpec, state: Any, *,
                  need_x: bool, dweight: torch.Tensor | None,
-                 dbias: torch.Tensor | None) -> torch.Tensor | None:
+                 dbias: torch.Tensor | None,
+                 grad_sum: torch.Tensor | None = None) -> torch.Tensor | None:
         """Returns dx (n, H) in x's dtype (or None if not need_x); accumulates into
-        the float32 buffers dweight (V, H) and dbias (V,) when they are given."""
+        the float32 buffers dweight (V, H) and dbias (V,) when they are given.
+        grad_sum (n,) float32 or None (zero, at no cost): a coefficient added to
+        every column of dL/dz (before the soft-cap derivative)."""
         ...
 
     def logits_forward(self, logits: torch.Tensor, targets: torch.Tensor,
@@ -111,6 +128,7 @@ class Backend(Protocol):
 
     def logits_backward(self, logits: torch.Tensor, targets: torch.Tensor, value: torch.Tensor,
                         grad_value: torch.Tensor, grad_target: torch.Tensor, spec: LogitSpec,
-                        out: torch.Tensor) -> None:
-        """Writes dL/dlogits (n, V) into ``out`` (may alias ``logits``)."""
+                        out: torch.Tensor, *, grad_sum: torch.Tensor | None = None) -> None:
+        """Writes dL/dlogits (n, V) into ``out`` (may alias ``logits``); grad_sum
+        as in :meth:`backward`."""
         ...

@@ -7,9 +7,9 @@ single-pass mode: ``forward(keep=True)`` then
 1. ``z = x @ W.T (+ b)``: one GEMM in the input dtype (bf16 / fp16 with float32
    accumulation inside cuBLAS), the (c, V) block stored in that dtype: never a
    float32 copy of it;
-2. the statistics epilogue reads the block once: V, q (entropy, argmax);
+2. the statistics epilogue reads the block once: V, q (entropy, argmax, logit sum);
 3. the gradient epilogue reads it once more and overwrites it, in place and in
-   the input dtype, with ``dz = (A p + B onehot) * softcap'``;
+   the input dtype, with ``dz = (A p + B onehot (+ C)) * softcap'``;
 4. ``dx = dz @ W`` (a GEMM in the input dtype) and ``dW += dz.T @ x``
    accumulated in float32 (``torch.addmm(..., out_dtype=torch.float32)`` on
    CUDA: the bf16 tensor-core rate, no float32 operand copies), ``db += sum dz``.
@@ -21,7 +21,7 @@ Subclasses supply the two epilogue kernels (:meth:`_row_stats`,
 
 float16: ``dz`` is small (``A ~ 1 / tokens``, ``p`` down to 1e-8) and would
 underflow in float16 (smallest normal 6e-5), so the gradient coefficients are
-divided by a power of two ``s`` (the largest ``|A|``, ``|B|`` of the chunk)
+divided by a power of two ``s`` (the largest ``|A|``, ``|B|``, ``|C|`` of the chunk)
 before the epilogue and the GEMM results multiplied by it (exact: powers of
 two); this costs one device-to-host read of ``s`` per float16 chunk.  bfloat16
 has float32's exponent range and needs none of it.
@@ -55,12 +55,16 @@ _DW_SLAB_BYTES = 64 << 20
 _OUT_DTYPE_OK = True
 
 
-def dz_scale(dtype: torch.dtype, grad_value: torch.Tensor, grad_target: torch.Tensor) -> float:
+def dz_scale(dtype: torch.dtype, grad_value: torch.Tensor, grad_target: torch.Tensor,
+             grad_sum: torch.Tensor | None = None) -> float:
     """The power of two that the gradient coefficients are divided by before a
     ``dtype`` epilogue writes dz (1.0 except for float16; see the module doc)."""
     if dtype != torch.float16 or grad_value.numel() == 0:
         return 1.0
-    m = float(torch.maximum(grad_value.abs().max(), grad_target.abs().max()))
+    m = torch.maximum(grad_value.abs().max(), grad_target.abs().max())
+    if grad_sum is not None:
+        m = torch.maximum(m, grad_sum.abs().max())
+    m = float(m)
     if not math.isfinite(m) or m == 0.0:
         return 1.0
     return 2.0 ** math.floor(math.log2(m))
@@ -139,8 +143,9 @@ class GemmEpilogueBackend:
 
     def _row_grad(self, z: torch.Tensor, targets: torch.Tensor, value: torch.Tensor,
                   grad_value: torch.Tensor, grad_target: torch.Tensor, spec: LogitSpec,
-                  out: torch.Tensor) -> None:
-        """dL/dz of the raw block z into out (n, V), which may be z itself."""
+                  out: torch.Tensor, grad_sum: torch.Tensor | None = None) -> None:
+        """dL/dz of the raw block z into out (n, V), which may be z itself
+        (grad_sum: float32 (n,) added to every column, or None)."""
         raise NotImplementedError
 
     # -- the contract --------------------------------------------------------
@@ -172,17 +177,19 @@ class GemmEpilogueBackend:
         return self._row_stats(z, targets, spec), (z if keep else None)
 
     def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
-                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias):
+                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias, grad_sum=None):
         if not self._native(x, weight, bias):
             return self._fallback.backward(x, weight, bias, targets, value, grad_value,
                                            grad_target, spec, None, need_x=need_x,
-                                           dweight=dweight, dbias=dbias)
+                                           dweight=dweight, dbias=dbias, grad_sum=grad_sum)
         z = self.logits_block(x, weight, bias) if state is None else state
         gv, gt = grad_value.float(), grad_target.float()
-        s = dz_scale(z.dtype, gv, gt)
+        gs = None if grad_sum is None else grad_sum.float()
+        s = dz_scale(z.dtype, gv, gt, gs)
         if s != 1.0:
             gv, gt = gv / s, gt / s
-        self._row_grad(z, targets, value.float(), gv, gt, spec, z)
+            gs = None if gs is None else gs / s
+        self._row_grad(z, targets, value.float(), gv, gt, spec, z, gs)
         return grad_gemms(z, x, weight, need_x=need_x, dweight=dweight, dbias=dbias, scale=s)
 
     def logits_forward(self, logits, targets, spec: LogitSpec) -> RowStats:
@@ -191,10 +198,11 @@ class GemmEpilogueBackend:
         return self._row_stats(logits, targets, spec)
 
     def logits_backward(self, logits, targets, value, grad_value, grad_target,
-                        spec: LogitSpec, out: torch.Tensor) -> None:
+                        spec: LogitSpec, out: torch.Tensor, *, grad_sum=None) -> None:
         if not self._native(logits, out):
             return self._fallback.logits_backward(logits, targets, value, grad_value,
-                                                  grad_target, spec, out)
+                                                  grad_target, spec, out, grad_sum=grad_sum)
         self._row_grad(logits, targets, value.float(), grad_value.float(),
-                       grad_target.float(), spec, out)
+                       grad_target.float(), spec, out,
+                       None if grad_sum is None else grad_sum.float())
         return None

@@ -5,9 +5,10 @@ Per chunk of rows the logits block comes from one GEMM (``torch.mm`` /
 make one pass over it:
 
 * ``torch.ops.fastirl.row_stats``: V, the target logit and optionally entropy,
-  argmax and max logit, with an online max / sum-exp per row (no extra block);
+  argmax, max logit and the logit sum, with an online max / sum-exp per row (no
+  extra block);
 * ``torch.ops.fastirl.row_grad_``: overwrites the block with
-  ``dz = (grad_value * p + grad_target * onehot) * softcap'``, so in single-pass
+  ``dz = (grad_value * p + grad_target * onehot (+ grad_sum)) * softcap'``, so in single-pass
   mode (``forward(keep=True)`` then ``backward(state)``) a chunk costs exactly
   three GEMMs (logits, ``dx = dz @ W``, ``dW += dz.T @ x``) and two passes over
   the block, and holds one block (never a second, capped copy: on the CPU
@@ -302,13 +303,14 @@ def load_library(kind: str = "cpu") -> str:
 def _register_fakes() -> None:
     """Shapes of the ops' outputs for FakeTensor / torch.compile tracing."""
 
-    def stats(logits, targets, temperature, softcap, entropy, argmax):
+    def stats(logits, targets, temperature, softcap, entropy, argmax, logit_sum=False):
         n = logits.shape[0]
         f32 = dict(dtype=torch.float32, device=logits.device)
         return (logits.new_empty((n,), **f32), logits.new_empty((n,), **f32),
                 logits.new_empty((n if entropy else 0,), **f32),
                 logits.new_empty((n if argmax else 0,), dtype=torch.int64, device=logits.device),
-                logits.new_empty((n if argmax else 0,), **f32))
+                logits.new_empty((n if argmax else 0,), **f32),
+                logits.new_empty((n if logit_sum else 0,), **f32))
 
     torch.library.register_fake("fastirl::acc_add_")(lambda acc, src: None)
     torch.library.register_fake("fastirl::row_stats")(stats)
@@ -316,11 +318,12 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastirl::row_grad_")
     def _row_grad_(logits, targets, value, grad_value, grad_target, temperature, softcap,
-                   capped=False):
+                   capped=False, grad_sum=None):
         return None
 
     @torch.library.register_fake("fastirl::row_grad")
-    def _row_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, out):
+    def _row_grad(logits, targets, value, grad_value, grad_target, temperature, softcap, out,
+                  grad_sum=None):
         return None
 
 
@@ -330,21 +333,45 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def _f32_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else _f32(t)
+
+
+def _row_grad_op(z: torch.Tensor, targets: torch.Tensor, value: torch.Tensor,
+                 grad_value: torch.Tensor, grad_target: torch.Tensor, spec: LogitSpec,
+                 out: torch.Tensor, grad_sum: torch.Tensor | None) -> None:
+    """dL/dz of the raw block z into out: ``row_grad_`` when out is z itself, else
+    ``row_grad`` (through a unit-stride temporary when out's columns are strided)."""
+    args = (targets, value, grad_value, grad_target, float(spec.temperature), spec.softcap)
+    if out.data_ptr() == z.data_ptr() and out.dtype == z.dtype and out.stride() == z.stride():
+        torch.ops.fastirl.row_grad_(out, *args, False, grad_sum)
+        return
+    if z.shape[1] > 1 and z.stride(1) != 1:
+        z = z.contiguous()
+    if out.shape[1] > 1 and out.stride(1) != 1:
+        tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        torch.ops.fastirl.row_grad(z, *args, tmp, grad_sum)
+        out.copy_(tmp)
+        return
+    torch.ops.fastirl.row_grad(z, *args, out, grad_sum)
+
+
 def _stats(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec,
            cap_in_place: bool = False) -> RowStats:
     """Statistics of the raw logits block z; with cap_in_place (and a soft cap)
     z is left holding the capped logits."""
     if cap_in_place and spec.softcap is not None:
         out = torch.ops.fastirl.row_stats_capped_(z, targets, float(spec.temperature),
-                                                  float(spec.softcap), spec.entropy, spec.argmax)
+                                                  float(spec.softcap), spec.entropy, spec.argmax,
+                                                  spec.logit_sum)
     else:
         out = torch.ops.fastirl.row_stats(z, targets, float(spec.temperature), spec.softcap,
-                                          spec.entropy, spec.argmax)
-    value, q, ent, amax, maxl = out
+                                          spec.entropy, spec.argmax, spec.logit_sum)
+    value, q, ent, amax, maxl, zsum = out
     if spec.argmax and z.device.type == "cpu":
         _nan_argmax(z, value, amax, maxl)
     return RowStats(value, q, ent if spec.entropy else None, amax if spec.argmax else None,
-                    maxl if spec.argmax else None)
+                    maxl if spec.argmax else None, zsum if spec.logit_sum else None)
 
 
 def _nan_argmax(z: torch.Tensor, value: torch.Tensor, amax: torch.Tensor,
@@ -407,14 +434,15 @@ class _NativeBackend:
         return _stats(z, targets, spec, cap_in_place=capped), ((z, capped) if keep else None)
 
     def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
-                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias):
+                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias, grad_sum=None):
         if not self._native(x.dtype):
             return self._fallback.backward(x, weight, bias, targets, value, grad_value,
                                            grad_target, spec, state, need_x=need_x,
-                                           dweight=dweight, dbias=dbias)
+                                           dweight=dweight, dbias=dbias, grad_sum=grad_sum)
         z, capped = (self._logits(x, weight, bias), False) if state is None else state
         torch.ops.fastirl.row_grad_(z, targets, _f32(value), _f32(grad_value), _f32(grad_target),
-                                    float(spec.temperature), spec.softcap, capped)
+                                    float(spec.temperature), spec.softcap, capped,
+                                    _f32_or_none(grad_sum))
         return self._grad_gemms(z, x, weight, need_x, dweight, dbias)
 
     def _grad_gemms(self, dz, x, weight, need_x, dweight, dbias):
@@ -434,24 +462,12 @@ class _NativeBackend:
         return _stats(logits, targets, spec)
 
     def logits_backward(self, logits, targets, value, grad_value, grad_target,
-                        spec: LogitSpec, out: torch.Tensor) -> None:
+                        spec: LogitSpec, out: torch.Tensor, *, grad_sum=None) -> None:
         if not (self._native(logits.dtype) and self._native(out.dtype)):
             return self._fallback.logits_backward(logits, targets, value, grad_value,
-                                                  grad_target, spec, out)
-        args = (targets, _f32(value), _f32(grad_value), _f32(grad_target),
-                float(spec.temperature), spec.softcap)
-        if out.data_ptr() == logits.data_ptr() and out.dtype == logits.dtype \
-                and out.stride() == logits.stride():
-            torch.ops.fastirl.row_grad_(out, *args)
-            return None
-        if logits.stride(1) != 1:
-            logits = logits.contiguous()
-        if out.stride(1) != 1:
-            tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-            torch.ops.fastirl.row_grad(logits, *args, tmp)
-            out.copy_(tmp)
-            return None
-        torch.ops.fastirl.row_grad(logits, *args, out)
+                                                  grad_target, spec, out, grad_sum=grad_sum)
+        _row_grad_op(logits, targets, _f32(value), _f32(grad_value), _f32(grad_target), spec,
+                     out, _f32_or_none(grad_sum))
         return None
 
 
@@ -513,19 +529,9 @@ class NativeCUDABackend(GemmEpilogueBackend):
             z = z.contiguous()
         return _stats(z, targets, spec)
 
-    def _row_grad(self, z, targets, value, grad_value, grad_target, spec, out) -> None:
-        args = (targets, value, grad_value, grad_target, float(spec.temperature), spec.softcap)
-        if out.data_ptr() == z.data_ptr() and out.dtype == z.dtype and out.stride() == z.stride():
-            torch.ops.fastirl.row_grad_(out, *args)
-            return
-        if z.shape[1] > 1 and z.stride(1) != 1:
-            z = z.contiguous()
-        if out.shape[1] > 1 and out.stride(1) != 1:
-            tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-            torch.ops.fastirl.row_grad(z, *args, tmp)
-            out.copy_(tmp)
-            return
-        torch.ops.fastirl.row_grad(z, *args, out)
+    def _row_grad(self, z, targets, value, grad_value, grad_target, spec, out,
+                  grad_sum=None) -> None:
+        _row_grad_op(z, targets, value, grad_value, grad_target, spec, out, grad_sum)
 
 
 def load_cpu() -> NativeCPUBackend:

@@ -9,7 +9,11 @@ max-shifted exponential computed in place:
 
 and the gradient reuses e when the block is kept (single-pass mode):
 
-    dz = (grad_value / S) * e + grad_target * onehot(target)      (* (1 - (z/c)^2))
+    dz = (grad_value / S) * e + grad_target * onehot(target) (+ grad_sum)
+                                                             (* (1 - (z/c)^2))
+
+The row sum of the (capped) logits (``spec.logit_sum``) is one more reduction
+of the block before e overwrites it.
 
 In recompute mode (``state is None``) the block is recomputed and
 e / S = exp((z - V) / tau) directly.  Device-agnostic; the CPU default until a
@@ -51,6 +55,7 @@ def _stats_inplace(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec,
     """Statistics of float32 logits z (n, V).  Overwrites z with e unless keep_z
     (then e is a new tensor).  Returns (stats, e, S)."""
     q = _target_logit(z, targets)
+    zsum = z.sum(dim=1) if spec.logit_sum else None     # before e overwrites z
     argmax = max_logit = None
     if spec.argmax:
         max_logit, argmax = z.max(dim=1)
@@ -66,17 +71,19 @@ def _stats_inplace(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec,
     entropy = None
     if spec.entropy:
         entropy = torch.log(s) - torch.xlogy(e, e).sum(dim=1) / s
-    return RowStats(value, q, entropy, argmax, max_logit), e, s
+    return RowStats(value, q, entropy, argmax, max_logit, zsum), e, s
 
 
 def _grad_inplace(p_or_e: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor,
                   grad_target: torch.Tensor, capped: torch.Tensor | None,
-                  spec: LogitSpec) -> torch.Tensor:
-    """dz = scale * e + grad_target * onehot, in place over e (n, V)."""
+                  spec: LogitSpec, grad_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """dz = scale * e + grad_target * onehot (+ grad_sum), in place over e (n, V)."""
     dz = p_or_e.mul_(scale.unsqueeze(1))
     has = targets >= 0
     rows = torch.arange(dz.shape[0], device=dz.device)
-    dz.index_put_((rows[has], targets[has]), grad_target[has], accumulate=True)
+    dz.index_put_((rows[has], targets[has]), grad_target[has].to(dz.dtype), accumulate=True)
+    if grad_sum is not None:
+        dz.add_(grad_sum.to(dz.dtype).unsqueeze(1))
     if spec.softcap is not None:
         c = spec.softcap
         dz.mul_(1.0 - (capped / c).square_())
@@ -105,7 +112,7 @@ class TorchChunkedBackend:
         return stats, state
 
     def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
-                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias):
+                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias, grad_sum=None):
         if state is None:
             capped = _logits(x, weight, bias, spec)
             z = capped.clone() if spec.softcap is not None else capped
@@ -117,7 +124,7 @@ class TorchChunkedBackend:
         else:
             e, s, capped = state
             scale = grad_value / s
-        dz = _grad_inplace(e, scale, targets, grad_target, capped, spec)
+        dz = _grad_inplace(e, scale, targets, grad_target, capped, spec, grad_sum)
         if dbias is not None:
             dbias.add_(dz.sum(dim=0))
         if dweight is not None:   # (addmm with out=: an op FlopCounterMode counts)
@@ -133,7 +140,7 @@ class TorchChunkedBackend:
         return _stats_inplace(z, targets, spec, keep_z=False)[0]
 
     def logits_backward(self, logits, targets, value, grad_value, grad_target,
-                        spec: LogitSpec, out: torch.Tensor) -> None:
+                        spec: LogitSpec, out: torch.Tensor, *, grad_sum=None) -> None:
         capped = logits.to(acc_dtype(logits.dtype))
         if spec.softcap is not None:
             capped = torch.tanh(capped / spec.softcap).mul_(spec.softcap)
@@ -141,7 +148,7 @@ class TorchChunkedBackend:
         if spec.temperature != 1.0:
             e.mul_(1.0 / spec.temperature)
         e.exp_()
-        out.copy_(_grad_inplace(e, grad_value, targets, grad_target, capped, spec))
+        out.copy_(_grad_inplace(e, grad_value, targets, grad_target, capped, spec, grad_sum))
 
 
 def load() -> TorchChunkedBackend:

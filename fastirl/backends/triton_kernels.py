@@ -122,7 +122,8 @@ def _empty_stats(device, spec: LogitSpec) -> RowStats:
     f = torch.zeros(0, dtype=torch.float32, device=device)
     return RowStats(f, f.clone(), f.clone() if spec.entropy else None,
                     torch.zeros(0, dtype=torch.int64, device=device) if spec.argmax else None,
-                    f.clone() if spec.argmax else None)
+                    f.clone() if spec.argmax else None,
+                    f.clone() if spec.logit_sum else None)
 
 
 def _alloc_partials(S: int, n: int, device, spec: LogitSpec):
@@ -130,24 +131,27 @@ def _alloc_partials(S: int, n: int, device, spec: LogitSpec):
     pm, ps, pq = f(), f(), f()
     pw = f() if spec.entropy else pm
     pidx = torch.empty((S, n) if spec.argmax else (1,), dtype=torch.int32, device=device)
-    return pm, ps, pw, pq, pidx
+    pz = f() if spec.logit_sum else pm          # logit-sum partials (pz_ptr)
+    return pm, ps, pw, pq, pidx, pz
 
 
 def _merge(partials, launch: Launch, n: int, device, spec: LogitSpec) -> RowStats:
-    pm, ps, pw, pq, pidx = partials
+    pm, ps, pw, pq, pidx, pz = partials
     value = torch.empty(n, dtype=torch.float32, device=device)
     q = torch.empty_like(value)
     ent = torch.empty_like(value) if spec.entropy else value
     amax = torch.empty(n, dtype=torch.int64, device=device) if spec.argmax else None
     maxl = torch.empty_like(value) if spec.argmax else None
+    zsum = torch.empty_like(value) if spec.logit_sum else None
     cfg = launch.config
     tau = float(spec.temperature)
     L.merge_kernel[launch.grid](
-        pm, ps, pw, pq, pidx, value, q, ent, amax if amax is not None else pidx,
-        maxl if maxl is not None else value, n, launch.splits, tau, 1.0 / tau,
-        ENTROPY=spec.entropy, ARGMAX=spec.argmax, BLOCK=cfg.block_m,
+        pm, ps, pw, pq, pidx, pz, value, q, ent, amax if amax is not None else pidx,
+        maxl if maxl is not None else value, zsum if zsum is not None else value,
+        n, launch.splits, tau, 1.0 / tau,
+        ENTROPY=spec.entropy, ARGMAX=spec.argmax, LOGIT_SUM=spec.logit_sum, BLOCK=cfg.block_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return RowStats(value, q, ent if spec.entropy else None, amax, maxl)
+    return RowStats(value, q, ent if spec.entropy else None, amax, maxl, zsum)
 
 
 def logits_stats(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec, *,
@@ -167,6 +171,7 @@ def logits_stats(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec, *,
             z, _vec(targets, torch.int64), *partials, n, V, z.stride(0),
             stats.blocks_per_split, inv_tau, cap,
             SOFTCAP=spec.softcap is not None, ENTROPY=spec.entropy, ARGMAX=spec.argmax,
+            LOGIT_SUM=spec.logit_sum,
             BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
         return _merge(partials, merge, n, z.device, spec)
@@ -174,8 +179,10 @@ def logits_stats(z: torch.Tensor, targets: torch.Tensor, spec: LogitSpec, *,
 
 def logits_grad(z: torch.Tensor, targets: torch.Tensor, value: torch.Tensor,
                 grad_value: torch.Tensor, grad_target: torch.Tensor, spec: LogitSpec,
-                out: torch.Tensor, *, interpret: bool = INTERPRET) -> None:
-    """out (n, V) = dL/dz of the stored raw logits z; out may be z itself."""
+                out: torch.Tensor, *, interpret: bool = INTERPRET,
+                grad_sum: torch.Tensor | None = None) -> None:
+    """out (n, V) = dL/dz of the stored raw logits z; out may be z itself
+    (grad_sum: (n,) added to every column, or None)."""
     n, V = z.shape
     if n == 0:
         return
@@ -185,12 +192,15 @@ def logits_grad(z: torch.Tensor, targets: torch.Tensor, value: torch.Tensor,
     (launch,) = plan_logits_backward(n, V, z.dtype, dev=device_info(z.device, interpret))
     cfg = launch.config
     inv_tau, cap = _params(spec)
+    gt = _vec(grad_target, torch.float32)
+    gs = gt if grad_sum is None else _vec(grad_sum, torch.float32)   # (unread without it)
     with _device_guard(z.device):
         L.logits_grad_kernel[launch.grid](
             z, _vec(targets, torch.int64), _vec(value, torch.float32),
-            _vec(grad_value, torch.float32), _vec(grad_target, torch.float32), o,
+            _vec(grad_value, torch.float32), gt, gs, o,
             n, V, z.stride(0), o.stride(0), inv_tau, cap,
-            SOFTCAP=spec.softcap is not None, BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n,
+            SOFTCAP=spec.softcap is not None, GRAD_SUM=grad_sum is not None,
+            BLOCK_R=cfg.block_m, BLOCK_V=cfg.block_n,
             INTERP=interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if o is not out:
         out.copy_(o)
@@ -217,9 +227,10 @@ class TritonBackend(GemmEpilogueBackend):
     def _row_stats(self, z, targets, spec: LogitSpec) -> RowStats:
         return logits_stats(z, targets, spec, interpret=self.interpret, splits=self.fwd_splits)
 
-    def _row_grad(self, z, targets, value, grad_value, grad_target, spec, out) -> None:
+    def _row_grad(self, z, targets, value, grad_value, grad_target, spec, out,
+                  grad_sum=None) -> None:
         logits_grad(z, targets, value, grad_value, grad_target, spec, out,
-                    interpret=self.interpret)
+                    interpret=self.interpret, grad_sum=grad_sum)
 
 
 def _supports(device: torch.device, interpret: bool) -> bool:
@@ -288,7 +299,7 @@ class TritonFusedBackend:
                 n, V, H, x.stride(0), weight.stride(0), fwd.blocks_per_split, fwd.splits,
                 fwd.group_m, inv_tau, cap,
                 HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None,
-                ENTROPY=spec.entropy, ARGMAX=spec.argmax,
+                ENTROPY=spec.entropy, ARGMAX=spec.argmax, LOGIT_SUM=spec.logit_sum,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 DOT_F32=self.interpret, DOT_PREC=dot_precision(x.dtype, self.interpret),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -296,12 +307,12 @@ class TritonFusedBackend:
 
     # -- gradients ----------------------------------------------------------
     def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
-                 spec: LogitSpec, state, *, need_x, dweight, dbias):
+                 spec: LogitSpec, state, *, need_x, dweight, dbias, grad_sum=None):
         if (not self._native(x, weight, bias)
                 or any(t is not None and t.dtype != torch.float32 for t in (dweight, dbias))):
             return self._fallback.backward(x, weight, bias, targets, value, grad_value,
                                            grad_target, spec, None, need_x=need_x,
-                                           dweight=dweight, dbias=dbias)
+                                           dweight=dweight, dbias=dbias, grad_sum=grad_sum)
         if dbias is not None and bias is None:
             raise ValueError("dbias given without bias")
         n, H = x.shape
@@ -312,10 +323,11 @@ class TritonFusedBackend:
         if self._use_epilogue(x, weight, bias):
             return self._epilogue.backward(x, weight, bias, targets, value, grad_value,
                                            grad_target, spec, None, need_x=need_x,
-                                           dweight=dweight, dbias=dbias)
+                                           dweight=dweight, dbias=dbias, grad_sum=grad_sum)
         targets = _vec(targets, torch.int64)
         value = _vec(value, torch.float32)
         gv, gt = _vec(grad_value, torch.float32), _vec(grad_target, torch.float32)
+        gs = None if grad_sum is None else _vec(grad_sum, torch.float32)
         plan = plan_fused_backward(n, V, H, x.dtype, dev=device_info(x.device, self.interpret),
                                    deterministic=spec.deterministic, need_x=need_x,
                                    need_weight=dweight is not None, need_bias=dbias is not None,
@@ -323,12 +335,12 @@ class TritonFusedBackend:
         with _device_guard(x.device):
             if plan[0].kernel == "linear_bwd_rows":
                 return self._fused_rows(plan[0], x, weight, bias, targets, value, gv, gt, spec,
-                                        need_x, dweight, dbias, x_dtype)
+                                        need_x, dweight, dbias, x_dtype, gs)
             return self._slabs(x, weight, bias, targets, value, gv, gt, spec, need_x, dweight,
-                               dbias)
+                               dbias, gs)
 
     def _fused_rows(self, launch: Launch, x, weight, bias, targets, value, gv, gt, spec,
-                    need_x, dweight, dbias, x_dtype):
+                    need_x, dweight, dbias, x_dtype, gs=None):
         """Fast mode: dx, dW, db added with float32 atomics by one kernel."""
         n, H = x.shape
         V = weight.shape[0]
@@ -343,12 +355,13 @@ class TritonFusedBackend:
         cfg = launch.config
         K.linear_bwd_rows_kernel[launch.grid](
             x, weight, bias if bias is not None else weight, targets, value, gv, gt,
+            gt if gs is None else gs,     # gs_ptr: unread without GRAD_SUM
             dx_buf if dx_buf is not None else gv, dw_buf if dw_buf is not None else gv,
             db_buf if db_buf is not None else gv,
             n, V, H, x.stride(0), weight.stride(0), dw_buf.stride(0) if dw_buf is not None else 0,
             launch.blocks_per_split, launch.splits, launch.group_m, int(launch.stagger),
             inv_tau, cap,
-            HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None,
+            HAS_BIAS=bias is not None, SOFTCAP=spec.softcap is not None, GRAD_SUM=gs is not None,
             DX=need_x, DW=dw_buf is not None, DB=db_buf is not None,
             SCALE_DZ=x.dtype == torch.float16,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
@@ -360,15 +373,18 @@ class TritonFusedBackend:
             dbias.add_(db_buf)
         return dx_buf.to(x_dtype) if need_x else None
 
-    def _slabs(self, x, weight, bias, targets, value, gv, gt, spec, need_x, dweight, dbias):
+    def _slabs(self, x, weight, bias, targets, value, gv, gt, spec, need_x, dweight, dbias,
+               gs=None):
         """Deterministic: per vocabulary slab, dz (n, slab) from one GEMM and the
         gradient epilogue, then dx += dz @ W[slab] (float32), dW[slab] += dz.T @ x.
-        Every float32 element is written once per slab, never per tile."""
+        Every float32 element is written once per slab, never per tile (gs, the
+        uniform coefficient, applies to every column of every slab)."""
         n, H = x.shape
         V = weight.shape[0]
-        s = dz_scale(x.dtype, gv, gt)
+        s = dz_scale(x.dtype, gv, gt, gs)
         if s != 1.0:
             gv, gt = gv / s, gt / s
+            gs = None if gs is None else gs / s
         dx = torch.zeros((n, H), dtype=torch.float32, device=x.device) if need_x else None
         cols = slab_columns(n, V, x.dtype)
         for v0 in range(0, V, cols):
@@ -376,7 +392,7 @@ class TritonFusedBackend:
             w = weight[v0:v1]
             z = GemmEpilogueBackend.logits_block(x, w, None if bias is None else bias[v0:v1])
             local = torch.where((targets >= v0) & (targets < v1), targets - v0, -1)
-            logits_grad(z, local, value, gv, gt, spec, z, interpret=self.interpret)
+            logits_grad(z, local, value, gv, gt, spec, z, interpret=self.interpret, grad_sum=gs)
             grad_gemms(z, x, w, need_x=False, scale=s, dx_acc=dx,
                        dweight=None if dweight is None else dweight[v0:v1],
                        dbias=None if dbias is None else dbias[v0:v1])
@@ -390,9 +406,9 @@ class TritonFusedBackend:
                             splits=self.fwd_splits)
 
     def logits_backward(self, logits, targets, value, grad_value, grad_target,
-                        spec: LogitSpec, out: torch.Tensor) -> None:
+                        spec: LogitSpec, out: torch.Tensor, *, grad_sum=None) -> None:
         self._epilogue.logits_backward(logits, targets, value, grad_value, grad_target, spec,
-                                       out)
+                                       out, grad_sum=grad_sum)
 
 
 def _check_loadable() -> None:

@@ -2,10 +2,12 @@
 never stored.  One kernel family per pass, features as constexprs:
 
 * ``linear_fwd_kernel``   statistics, program = (row block, vocabulary split),
-                          partials merged by :func:`.triton_logits.merge_kernel`.
+                          partials merged by :func:`.triton_logits.merge_kernel`
+                          (``LOGIT_SUM``: also the row sum of the capped logits).
 * ``linear_bwd_rows_kernel``  fast-mode backward: dx, dW, db added with
                           float32 atomics, program = (row block, vocabulary
-                          split).  (The deterministic backward is not a kernel
+                          split); ``GRAD_SUM``: a per-row coefficient added to
+                          every column of dz.  (The deterministic backward is not a kernel
                           of its own: vocabulary slabs of GEMMs around
                           :func:`.triton_logits.logits_grad_kernel`.)
 
@@ -32,6 +34,12 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 # One (BLOCK_M, BLOCK_N) tile of capped logits: a K loop over H of
 # x[rows, k] @ W[cols, k].T with float32 accumulation, + bias, then soft cap.
+# Where the bias goes is a register-allocation choice (found with triton_aot,
+# every flag combination): 16-bit inputs (operands from shared memory, the
+# pressure is after the K loop, in the forward's statistics) start the
+# accumulator with it, so that no copy of it is live after the loop; float32
+# inputs (TF32 operands in registers on sm_80, the pressure is in the loop)
+# add it after the loop.
 # W is read as a (BLOCK_K, BLOCK_N) view of its row-major storage (a
 # transposed operand), so no copy of W is ever made.
 @triton.jit
@@ -43,6 +51,9 @@ def logit_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols64, cmask, H, stride_x, s
     xp = x_ptr + rows64[:, None] * stride_x + ks[None, :]
     wp = w_ptr + cols64[None, :] * stride_w + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    BIAS_FIRST: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
+    if HAS_BIAS and BIAS_FIRST:
+        acc += tl.load(b_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
     for k0 in range(0, H, BLOCK_K):
         kmask = (k0 + ks) < H
         a = tl.load(xp, mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -53,7 +64,7 @@ def logit_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols64, cmask, H, stride_x, s
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         xp += BLOCK_K
         wp += BLOCK_K
-    if HAS_BIAS:
+    if HAS_BIAS and not BIAS_FIRST:
         acc += tl.load(b_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
         acc = softcap_fn(acc, cap)
@@ -89,12 +100,15 @@ def target_logit(x_ptr, w_ptr, b_ptr, rows64, tgt, tin, H, stride_x, stride_w, c
 
 # Forward: per (row block, split) the logits tiles of the split's vocabulary
 # blocks, reduced on the fly by online_update (max, sum exp, sum e*t for the
-# entropy, argmax) plus the target logit; O(rows x splits) partials leave it.
+# entropy, argmax, and with LOGIT_SUM the plain sum of the capped logits:
+# zs += sum of the tile's valid columns, summed over splits by merge_kernel)
+# plus the target logit; O(rows x splits) partials leave it.
 @triton.jit(do_not_specialize=["n", "vb_per_split", "nsplit", "group_m"])
 def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
+                      pz_ptr,
                       n, V, H, stride_x, stride_w, vb_per_split, nsplit, group_m, inv_tau, cap,
                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                      ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+                      ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, LOGIT_SUM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m, pid_s = swizzle(tl.program_id(0), tl.cdiv(n, BLOCK_M), nsplit, group_m)
@@ -106,7 +120,7 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_p
     s = tl.zeros((BLOCK_M,), tl.float32)
     w = tl.zeros((BLOCK_M,), tl.float32)
     idx = tl.zeros((BLOCK_M,), tl.int32)
-    nidx = tl.full((BLOCK_M,), 2**31 - 1, tl.int32)
+    zs = tl.zeros((BLOCK_M,), tl.float32)
     v_begin = pid_s * vb_per_split * BLOCK_N
     v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_N)
     q = target_logit(x_ptr, w_ptr, b_ptr, rows64, tgt, rmask & (tgt >= v_begin) & (tgt < v_end),
@@ -117,25 +131,25 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_p
         z = logit_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols.to(tl.int64), cmask, H,
                        stride_x, stride_w, cap, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K,
                        DOT_F32, DOT_PREC)
-        m, s, w, q, idx, nidx = online_update(z, cmask, cols, tgt, m, s, w, q, idx, nidx,
-                                              inv_tau, False, ENTROPY, ARGMAX)
+        m, s, w, q, idx, zs = online_update(z, cmask, cols, tgt, m, s, w, q, idx, zs, inv_tau,
+                                            False, ENTROPY, ARGMAX, LOGIT_SUM)
     off = pid_s.to(tl.int64) * n + rows64
-    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx, nidx,
-                   ENTROPY, ARGMAX)
+    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, pz_ptr, off, rmask, m, s, w, q, idx,
+                   zs, ENTROPY, ARGMAX, LOGIT_SUM)
 
 
 # dz tile of a recomputed logits tile (see dlogits), zero outside the valid
 # rows / columns, rounded to the input dtype as the GEMM operand.
 @triton.jit
-def dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
+def dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt, gs,
             H, stride_x, stride_w, inv_tau, cap,
-            HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+            HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, GRAD_SUM: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     z = logit_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols.to(tl.int64), cmask, H,
                    stride_x, stride_w, cap, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K,
                    DOT_F32, DOT_PREC)
-    dz = dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP)
+    dz = dlogits(z, cols, tgt, value, gv, gt, gs, inv_tau, cap, SOFTCAP, GRAD_SUM)
     dz = tl.where(rmask[:, None] & cmask[None, :], dz, 0.0)
     dzc = round_to(dz, x_ptr.dtype.element_ty, DOT_F32)
     if DOT_F32:
@@ -152,14 +166,17 @@ def dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
 #   dx[i, h] += dz_ij @ W[j, h],  dW[j, h] += dz_ij.T @ x[i, h],  db[j] += sum_i dz_ij
 # with float32 atomics.  SCALE_DZ (float16 inputs): the row block's
 # coefficients are divided by the power of two s = 2^floor(log2 max |A|, |B|)
-# before dz is rounded to float16 (so that it does not underflow), and the
-# products are multiplied by s.
+# (and |C| with GRAD_SUM) before dz is rounded to float16 (so that it does not
+# underflow), and the products are multiplied by s.  GRAD_SUM: dz_ij gains the
+# row's C in every valid column (dlogits), so db[j] gains sum_i C_i and the
+# GEMMs carry it like the other terms; no pass of its own.
 @triton.jit(do_not_specialize=["n", "vb_per_split", "nsplit", "group_m", "stagger"])
-def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr,
+def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, gs_ptr,
                            dx_ptr, dw_ptr, db_ptr,
                            n, V, H, stride_x, stride_w, stride_dw, vb_per_split, nsplit,
                            group_m, stagger, inv_tau, cap,
                            HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                           GRAD_SUM: tl.constexpr,
                            DX: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
                            SCALE_DZ: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -173,12 +190,19 @@ def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_p
     value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
     gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
     gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
+    gs = gt
+    if GRAD_SUM:
+        gs = tl.load(gs_ptr + rows64, mask=rmask, other=0.0)
     scale = 1.0
     if SCALE_DZ:
         big = tl.max(tl.maximum(tl.abs(gv), tl.abs(gt)), 0)
+        if GRAD_SUM:
+            big = tl.maximum(big, tl.max(tl.abs(gs), 0))
         scale = tl.where(big > 0.0, tl.math.exp2(tl.floor(tl.log2(big))), 1.0)
         gv = gv / scale
         gt = gt / scale
+        if GRAD_SUM:
+            gs = gs / scale
     hs0 = tl.arange(0, BLOCK_H)
     nblk = tl.minimum(vb_per_split, tl.cdiv(V, BLOCK_N) - pid_s * vb_per_split)
     first = (pid_m * stagger) % nblk
@@ -189,7 +213,7 @@ def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_p
         cmask = cols < V
         cols64 = cols.to(tl.int64)
         dz, dzc = dz_tile(x_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, tgt, value, gv, gt,
-                          H, stride_x, stride_w, inv_tau, cap, HAS_BIAS, SOFTCAP,
+                          gs, H, stride_x, stride_w, inv_tau, cap, HAS_BIAS, SOFTCAP, GRAD_SUM,
                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, DOT_PREC)
         if DB:          # before the H loop: only the rounded dz stays live there
             tl.atomic_add(db_ptr + cols64, tl.sum(dz, 0) * scale, mask=cmask, sem="relaxed")

@@ -8,8 +8,13 @@ variant, never a copy of the source):
   any float dtype, per (row block, vocabulary split) -> partial buffers.
 * ``merge_kernel``: merges the per-split partials into RowStats (also used
   by the fused linear forward).
-* ``logits_grad_kernel``: dL/dz = A*p + B*onehot (x soft-cap derivative),
-  written into ``out`` (which may alias the logits).
+* ``logits_grad_kernel``: dL/dz = A*p + B*onehot (+ C) (x soft-cap
+  derivative), written into ``out`` (which may alias the logits).
+
+Optional row terms (constexpr flags: a launch without them compiles none of
+their code): ``LOGIT_SUM``, the row sum Z of the capped logits (one more
+reduction of the tile already in registers, merged by addition); ``GRAD_SUM``,
+a per-row coefficient C of dL/dZ added to every column.
 
 All arithmetic is float32 whatever the storage dtype; offsets are int64.
 Exponentials are base 2 on pre-scaled arguments (``exp2(u * log2(e) / tau)``:
@@ -80,16 +85,30 @@ def swizzle(pid, num_m, num_n, group_m):
 # Masked columns are set to -inf once; e is then 0 there, and t is clamped to
 # -FLT_MAX so that e * t is 0 rather than NaN.  Only the one (R, C) tile is
 # live; every other quantity is a fused row reduction of it.
+# tl.max skips NaN (max.f32 returns the other operand; so does the
+# interpreter), so the max needs no NaN-free copy of the tile.
 # argmax: the smallest column holding the tile max, kept only where the tile
 # max is strictly larger than the running max (first occurrence wins, like
-# torch.max).  q: z at the target column (0 where none matches, e.g. -1).
+# torch.max); a NaN logit is recorded in the same int32 as -1 - (its column),
+# sticky once set, so that the first NaN of the split wins (NaN policy) without
+# a second loop-carried index.  It is computed before the exponentials (fewer
+# tiles live at once).  q: z at the target column (0 where none matches, e.g. -1).
+# zs (LOGIT_SUM): Z = sum_v z_v, the plain sum of the capped logits; it has no
+# shift, so it needs no rescaling when m moves: zs' = zs + sum_{tile} z_v,
+# masked columns counting 0 (not the -inf of the max), NaN propagating (the
+# NaN policy).  It is the last reduction of the tile: placed there, the
+# all-features variants compile without spills (see triton_aot).
 @triton.jit
-def online_update(z, cmask, cols, tgt, m, s, w, q, idx, nidx, inv_tau,
-                  TARGET: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
+def online_update(z, cmask, cols, tgt, m, s, w, q, idx, zs, inv_tau,
+                  TARGET: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+                  LOGIT_SUM: tl.constexpr):
     zm = tl.where(cmask[None, :], z, NEG_INF)
-    isnan = zm != zm
-    zc = tl.where(isnan, NEG_INF, zm)       # max, shift and argmax skip NaN ...
-    tile_max = tl.max(zc, 1)
+    tile_max = tl.max(zm, 1)                # max, shift and argmax skip NaN ...
+    if ARGMAX:
+        tile_idx = tl.min(tl.where(zm == tile_max[:, None], cols[None, :], INT_MAX), 1)
+        tile_nan = tl.min(tl.where(zm != zm, cols[None, :], INT_MAX), 1)
+        idx = tl.where(idx < 0, idx, tl.where(tile_nan < INT_MAX, -1 - tile_nan,
+                                              tl.where(tile_max > m, tile_idx, idx)))
     m_new = tl.maximum(m, tile_max)
     m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
     k = inv_tau * LOG2E                     # base-2 exponents: one ex2 per logit
@@ -102,19 +121,23 @@ def online_update(z, cmask, cols, tgt, m, s, w, q, idx, nidx, inv_tau,
     s = alpha * s + tl.sum(e, 1)
     if TARGET:
         q += tl.sum(tl.where(cols[None, :] == tgt[:, None], zm, 0.0), 1)
-    if ARGMAX:
-        tile_idx = tl.min(tl.where(zc == tile_max[:, None], cols[None, :], INT_MAX), 1)
-        idx = tl.where(tile_max > m, tile_idx, idx)
-        nidx = tl.minimum(nidx, tl.min(tl.where(isnan, cols[None, :], INT_MAX), 1))
-    return m_new, s, w, q, idx, nidx
+    if LOGIT_SUM:
+        zs += tl.sum(tl.where(cmask[None, :], zm, 0.0), 1)
+    return m_new, s, w, q, idx, zs
 
 
-# dL/dz = A * p + B * [v == target],  p = exp((z - V) / tau)   (z capped)
+# dL/dz = A * p + B * [v == target] (+ C),  p = exp((z - V) / tau)   (z capped)
 # times d(c tanh(u/c))/du = 1 - tanh^2 = 1 - (z / c)^2 with soft-capping.
+# C (GRAD_SUM) is the coefficient of dL/dZ, Z = sum_v z_v: dZ/dz_v = 1 for every
+# column, so it is one more add per element, before the soft-cap derivative
+# (the chain rule through the cap applies to it as to the other terms).
 @triton.jit
-def dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP: tl.constexpr):
+def dlogits(z, cols, tgt, value, gv, gt, gs, inv_tau, cap, SOFTCAP: tl.constexpr,
+            GRAD_SUM: tl.constexpr):
     p = tl.math.exp2((z - value[:, None]) * (inv_tau * LOG2E))
     dz = gv[:, None] * p + tl.where(cols[None, :] == tgt[:, None], gt[:, None], 0.0)
+    if GRAD_SUM:
+        dz += gs[:, None]
     if SOFTCAP:
         r = z / cap
         dz = dz * (1.0 - r * r)
@@ -122,12 +145,13 @@ def dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, mask, m, s, w, q, idx, nidx,
-                   ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
-    # with ARGMAX, a NaN seen in the split is stored as max NaN, index the first NaN
+def store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, pz_ptr, off, mask, m, s, w, q, idx,
+                   zs, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, LOGIT_SUM: tl.constexpr):
+    # with ARGMAX, a NaN seen in the split (idx = -1 - its column, see
+    # online_update) is stored as max NaN, index the first NaN
     if ARGMAX:
-        m = tl.where(nidx < INT_MAX, float("nan"), m)
-        idx = tl.where(nidx < INT_MAX, nidx, idx)
+        m = tl.where(idx < 0, float("nan"), m)
+        idx = tl.where(idx < 0, -1 - idx, idx)
     tl.store(pm_ptr + off, m, mask=mask)
     tl.store(ps_ptr + off, s, mask=mask)
     tl.store(pq_ptr + off, q, mask=mask)
@@ -135,15 +159,18 @@ def store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, mask, m, s, w, q
         tl.store(pw_ptr + off, w, mask=mask)
     if ARGMAX:
         tl.store(pi_ptr + off, idx, mask=mask)
+    if LOGIT_SUM:
+        tl.store(pz_ptr + off, zs, mask=mask)
 
 
 # Streaming statistics of stored logits: program (row block, vocabulary split)
 # walks its split in BLOCK_V columns with online_update and writes one partial
 # per row; merge_kernel combines the splits.
 @triton.jit(do_not_specialize=["n", "vb_per_split"])
-def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
+def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, pz_ptr,
                         n, V, stride_z, vb_per_split, inv_tau, cap,
                         SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+                        LOGIT_SUM: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -156,7 +183,7 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
     w = tl.zeros((BLOCK_R,), tl.float32)
     q = tl.zeros((BLOCK_R,), tl.float32)
     idx = tl.zeros((BLOCK_R,), tl.int32)
-    nidx = tl.full((BLOCK_R,), INT_MAX, tl.int32)
+    zs = tl.zeros((BLOCK_R,), tl.float32)
     v_begin = pid_s * vb_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_V)
     row_ptr = z_ptr + rows64[:, None] * stride_z
@@ -167,11 +194,11 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
                     other=0.0).to(tl.float32)
         if SOFTCAP:
             z = softcap_fn(z, cap)
-        m, s, w, q, idx, nidx = online_update(z, cmask, cols, tgt, m, s, w, q, idx, nidx,
-                                              inv_tau, True, ENTROPY, ARGMAX)
+        m, s, w, q, idx, zs = online_update(z, cmask, cols, tgt, m, s, w, q, idx, zs, inv_tau,
+                                            True, ENTROPY, ARGMAX, LOGIT_SUM)
     off = pid_s.to(tl.int64) * n + rows64
-    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, off, rmask, m, s, w, q, idx, nidx,
-                   ENTROPY, ARGMAX)
+    store_partials(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, pz_ptr, off, rmask, m, s, w, q, idx,
+                   zs, ENTROPY, ARGMAX, LOGIT_SUM)
 
 
 # Merge of per-split partials (m_i, s_i, w_i, q_i, idx_i), in split order:
@@ -181,11 +208,13 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
 #   holding M.  Rows whose logits are all -inf keep M = -inf (V = -inf).
 #   A split whose m_i is NaN saw a NaN logit (argmax mode): the first such
 #   split gives the argmax (its first NaN column) and the max logit is NaN.
+#   LOGIT_SUM: Z = sum_i zs_i (plain sums of disjoint columns: no rescaling).
 @triton.jit(do_not_specialize=["n", "nsplit"])
-def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
-                 value_ptr, q_ptr, ent_ptr, amax_ptr, maxl_ptr,
+def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, pz_ptr,
+                 value_ptr, q_ptr, ent_ptr, amax_ptr, maxl_ptr, sum_ptr,
                  n, nsplit, tau, inv_tau,
-                 ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, BLOCK: tl.constexpr):
+                 ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, LOGIT_SUM: tl.constexpr,
+                 BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
@@ -195,6 +224,7 @@ def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
     Q = tl.zeros((BLOCK,), tl.float32)
     idx = tl.zeros((BLOCK,), tl.int32)
     nan_seen = tl.zeros((BLOCK,), tl.int1)
+    Z = tl.zeros((BLOCK,), tl.float32)
     k = inv_tau * LOG2E
     for _ in range(0, nsplit):          # split i's partials start at i * n
         mi = tl.load(pm_ptr + rows64, mask=rmask, other=NEG_INF)
@@ -215,6 +245,8 @@ def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
             ii = tl.load(pi_ptr + rows64, mask=rmask, other=0)
             idx = tl.where(nan_seen, idx, tl.where(nan_i | (mi > M), ii, idx))
             nan_seen = nan_seen | nan_i
+        if LOGIT_SUM:
+            Z += tl.load(pz_ptr + rows64, mask=rmask, other=0.0)
         S = a_old * S + a_i * si
         M = m_new
         pm_ptr += n
@@ -222,6 +254,7 @@ def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
         pw_ptr += n
         pq_ptr += n
         pi_ptr += n
+        pz_ptr += n
     m_safe = tl.where(M == NEG_INF, 0.0, M)
     log_s = tl.log(S)
     tl.store(value_ptr + rows64, m_safe + tau * log_s, mask=rmask)
@@ -231,15 +264,18 @@ def merge_kernel(pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr,
     if ARGMAX:
         tl.store(amax_ptr + rows64, idx.to(tl.int64), mask=rmask)
         tl.store(maxl_ptr + rows64, tl.where(nan_seen, float("nan"), M), mask=rmask)
+    if LOGIT_SUM:
+        tl.store(sum_ptr + rows64, Z, mask=rmask)
 
 
 # Gradient of stored logits, tile by tile; every element is read before the
 # same program writes it, so `out` may alias the logits.
+# GRAD_SUM: gs_ptr holds C (see dlogits), else it is never read.
 @triton.jit(do_not_specialize=["n"])
-def logits_grad_kernel(z_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, out_ptr,
+def logits_grad_kernel(z_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, gs_ptr, out_ptr,
                        n, V, stride_z, stride_o, inv_tau, cap,
-                       SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-                       INTERP: tl.constexpr):
+                       SOFTCAP: tl.constexpr, GRAD_SUM: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, INTERP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     rmask = rows < n
@@ -249,10 +285,13 @@ def logits_grad_kernel(z_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, out_ptr,
     value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
     gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
     gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
+    gs = gt
+    if GRAD_SUM:
+        gs = tl.load(gs_ptr + rows64, mask=rmask, other=0.0)
     z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     if SOFTCAP:
         z = softcap_fn(z, cap)
-    dz = dlogits(z, cols, tgt, value, gv, gt, inv_tau, cap, SOFTCAP)
+    dz = dlogits(z, cols, tgt, value, gv, gt, gs, inv_tau, cap, SOFTCAP, GRAD_SUM)
     tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :],
              round_to(dz, out_ptr.dtype.element_ty, INTERP), mask=mask)
