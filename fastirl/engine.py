@@ -196,7 +196,6 @@ class _RowStats(torch.autograd.Function):
         job.extras.update(entropy=out["entropy"], argmax=out["argmax"])
         ctx.job = job
         ctx.save_for_backward(x, weight, bias, out["value"])
-        ctx.mark_non_differentiable(*(t for t in (out["logit_sum"],) if t is not None))
         return out["value"], out["target_logit"], out["logit_sum"]
 
     @staticmethod

@@ -146,6 +146,27 @@ def test_class_weights_are_cross_entropys():
     torch.testing.assert_close(none.flatten(), F.cross_entropy(z, t, weight=w, reduction="none"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_label_smoothing_is_cross_entropys(backend, reduction):
+    """td_weight=0 with label_smoothing=eps is F.cross_entropy(label_smoothing=eps),
+    loss and gradients, through the linear and the logits entries."""
+    p, z, t = _ce_case()
+    want = F.cross_entropy(z, t, label_smoothing=0.15, reduction=reduction)
+    got = fastirl.iq_loss(p["hidden"], p["weight"], p["targets"], td_weight=0.0,
+                          label_smoothing=0.15, reduction=reduction, backend=backend)
+    torch.testing.assert_close(got.flatten(), want.flatten())
+    up = torch.rand_like(want, dtype=torch.float64)          # non-scalar upstream gradient
+    ins = [p["hidden"], p["weight"]]
+    for a, b in zip(torch.autograd.grad((got.flatten() * up.flatten()).sum(), ins),
+                    torch.autograd.grad((want.flatten() * up.flatten()).sum(), ins)):
+        torch.testing.assert_close(a, b)
+    zz = z.detach().requires_grad_()
+    lg = fastirl.iq_loss_from_logits(zz.view(3, 13, 41), p["targets"], td_weight=0.0,
+                                     label_smoothing=0.15, reduction=reduction)
+    torch.testing.assert_close(lg.flatten(), want.flatten())
+
+
 def test_z_loss_is_lse_squared():
     p, z, t = _ce_case()
     m = t != -100

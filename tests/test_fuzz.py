@@ -92,7 +92,7 @@ def cases(draw, targets=tuple(TARGETS), tiny=False):
         chunk_size=draw(st.sampled_from((None, 1, 2, 3, 64))),
         preset=draw(st.sampled_from(tuple(fastirl.PRESETS))),
         lse_square_scale=draw(st.sampled_from((0.0, 0.0, 0.3))),
-        label_smoothing=draw(st.sampled_from((0.0, 0.0, 0.0))),  # TEMP until logit_sum lands
+        label_smoothing=draw(st.sampled_from((0.0, 0.0, 0.2))),
         token_scaling=draw(st.booleans()),
         ce_weight=draw(st.sampled_from((False, False, True))),
         metrics=draw(st.booleans()), predictions=draw(st.booleans()),

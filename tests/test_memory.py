@@ -93,7 +93,9 @@ def _check(p, opts, backend, memory, plans, want_mode, tol=1e-10):
 @pytest.mark.parametrize("opts", [
     {}, dict(td_weight=0.7, gamma=0.9, softcap=3.0, temperature=0.6),
     dict(divergence="kl", value_term="v0", lse_square_scale=0.1, token_scaling=True),
-    dict(ce_weight="random", detach_next_value=True)], ids=["default", "capped", "kl", "weights"])
+    dict(ce_weight="random", detach_next_value=True),
+    dict(label_smoothing=0.2, td_weight=0.3, softcap=4.0)],
+    ids=["default", "capped", "kl", "weights", "smoothing"])
 @pytest.mark.parametrize("budget,mode", [(24000, "slabs"), (70000, "slabs"), ("balanced", "rows"),
                                          ("fast", None)])
 def test_every_plan_matches_the_reference(backend, opts, budget, mode, plans):
