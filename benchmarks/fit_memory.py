@@ -1,4 +1,4 @@
-"""The longest sequence whose training step fits a memory budget (issue 18).
+"""The longest sequence whose training step fits a memory budget.
 
 For real architectures built from their published configurations with random
 weights (no download), in bf16 with gradient checkpointing and batch 1, full

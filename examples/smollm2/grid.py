@@ -1,4 +1,4 @@
-"""The grid of issue 20: independent jobs ``(experiment, setting, seed)``, each
+"""The experiment grid: independent jobs ``(experiment, setting, seed)``, each
 written to its own JSON file when it finishes and skipped when that file exists.
 
 * ``main``: 150 steps of 8 chat examples, then greedy accuracy on 300 held-out

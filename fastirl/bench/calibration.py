@@ -11,7 +11,8 @@ same table.  Sources:
   to every method it supports), A100-SXM4-80GB, PyTorch 2.4.1, CUDA 12.4.
   Times are per call: the loss (forward), its gradient (backward alone) and
   both.  Figures read from a transcription of the table (ai-paper-reviewer's
-  page on 2411.09009) and checked against the figures quoted in issue 17.
+  page on 2411.09009), cross-checked against the figures quoted in the
+  project's tracker.
 * **TRL** — huggingface/trl#7244 (2026-09-16), one H100, bf16, V = 151936,
   H = 4096, N = 8192: ``chunked_nll`` (chunk 256) fwd+bwd 167 ms / 13.1 GiB,
   Liger FLCE 192 ms / 6.1 GiB, materialised logits 59 ms / 19.9 GiB, the bare
