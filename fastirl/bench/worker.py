@@ -185,15 +185,11 @@ def run_job(job: dict) -> dict:
             res.update(check="not checked (--no-check)")
         _cancel_alarm()
     except CompileTimeout:
-        return dict(res, status="skipped",
-                    reason=f"torch.compile took longer than {compile_timeout:g} s on "
-                           f"{device.type} (--compile-timeout)")
+        return _compile_skipped(res, compile_timeout, device)
     except Exception as exc:
         _cancel_alarm()
         if _timed_out(exc):
-            return dict(res, status="skipped",
-                        reason=f"torch.compile took longer than {compile_timeout:g} s on "
-                               f"{device.type} (--compile-timeout)")
+            return _compile_skipped(res, compile_timeout, device)
         return dict(res, status="failed", reason=f"at the check shape: {_one_line(exc)}")
 
     x, w, t = make_inputs(torch, batch=job["batch"], seq=job["seq"], hidden=job["hidden"],
@@ -234,19 +230,21 @@ def run_job(job: dict) -> dict:
             "forward", True) else []
         res["fb_ms"] = [timer(bound.step) for _ in range(repeats)]
     except CompileTimeout:
-        return dict(res, status="skipped",
-                    reason=f"torch.compile took longer than {compile_timeout:g} s on "
-                           f"{device.type} (--compile-timeout)")
+        return _compile_skipped(res, compile_timeout, device)
     except torch.OutOfMemoryError as exc:   # noqa: F841
         return dict(res, status="failed", reason="out of memory")
     except Exception as exc:
         _cancel_alarm()
         if _timed_out(exc):
-            return dict(res, status="skipped",
-                        reason=f"torch.compile took longer than {compile_timeout:g} s on "
-                               f"{device.type} (--compile-timeout)")
+            return _compile_skipped(res, compile_timeout, device)
         return dict(res, status="failed", reason=_one_line(exc))
     return res
+
+
+def _compile_skipped(res: dict, compile_timeout: float, device: torch.device) -> dict:
+    return dict(res, status="skipped",
+                reason=f"torch.compile took longer than {compile_timeout:g} s on "
+                       f"{device.type} (--compile-timeout)")
 
 
 def _one_line(exc: BaseException) -> str:
