@@ -45,7 +45,6 @@ import torch
 
 from .base import LogitSpec, RowStats
 from .gemm_epilogue import GemmEpilogueBackend, addmm_f32
-from .torch_chunked import _BUDGET as _TORCH_BUDGET
 from .torch_chunked import TorchChunkedBackend
 
 __all__ = ["NativeCPUBackend", "NativeCUDABackend", "load_cpu", "load_cuda", "load_library",
@@ -63,12 +62,6 @@ _HEADERS = ("iq_math.h", "iq_ops.h")
 CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno", "-fno-trapping-math",
              "-ffp-contract=fast"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-lineinfo"]
-
-# Bytes of logits block one chunk holds: the torch backend's budget, so the peak
-# memory is never above it (one block here, not two with a soft cap).  On the
-# 2-core Xeon of docs/native.md, 192-524 rows at V = 32k were within noise of
-# each other; the three GEMMs dominate either way.
-_CPU_BUDGET = _TORCH_BUDGET["cpu"]
 
 _lock = threading.Lock()
 _loaded: dict[str, str] = {}
@@ -393,7 +386,6 @@ class _NativeBackend:
 
     name = "native"
     _device_type = "cpu"
-    _budget = _CPU_BUDGET
     # forward(keep=True) stores the capped logits in the block (saves the tanh
     # of the backward pass; the kernel for it exists on the CPU only).
     _cap_in_place = False
@@ -407,17 +399,6 @@ class _NativeBackend:
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == self._device_type
-
-    def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
-                       chunk_size: int | None) -> int:
-        if chunk_size is not None:
-            return max(1, min(chunk_size, n))
-        if not self._native(dtype):
-            return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, chunk_size)
-        return max(1, min(n, self._budget // (self._block_bytes(dtype) * max(vocab, 1))))
-
-    def _block_bytes(self, dtype: torch.dtype) -> int:
-        return 4  # float32 logits block (overridden on CPU for bf16 / fp16)
 
     # The logits block of a chunk, in the dtype the epilogues read.
     def _logits(self, x, weight, bias) -> torch.Tensor:
@@ -485,7 +466,6 @@ class NativeCPUBackend(_NativeBackend):
 
     name = "cpu"
     _device_type = "cpu"
-    _budget = _CPU_BUDGET
     _cap_in_place = True
 
     def _block_bytes(self, dtype: torch.dtype) -> int:

@@ -29,10 +29,6 @@ import torch
 from . import chunking
 from .base import LogitSpec, RowStats, acc_dtype
 
-# The smallest logits-block budgets of the chunk policy (kept for callers of
-# the old per-device budget; the policy itself is fastirl.backends.chunking).
-_BUDGET = {"cpu": chunking.CPU.min_block_bytes, "cuda": chunking.GPUS["h100"].min_block_bytes}
-
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             spec: LogitSpec) -> torch.Tensor:
