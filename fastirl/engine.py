@@ -354,7 +354,7 @@ def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: IQOptions, *,
     tensors dict)."""
     preset = PRESETS[run.preset]
     dtype = _gemm_dtype(compute_dtype or hidden2d.dtype, preset)
-    be = resolve_backend(backend, hidden2d.device)
+    be = resolve_backend(backend, hidden2d.device, dtype)
     spec = _spec(opts, preset, want_metrics, logit_sum)
     V, H = weight.shape
     grad = torch.is_grad_enabled()
@@ -421,7 +421,7 @@ def run_logits(logits2d, plan: obj.RowPlan, opts: IQOptions, *, backend: "str | 
     preset = PRESETS[run.preset]
     if preset.upcast and logits2d.dtype not in PRECISE:
         logits2d = logits2d.float()
-    be = resolve_backend(backend, logits2d.device)
+    be = resolve_backend(backend, logits2d.device, logits2d.dtype)
     spec = _spec(opts, preset, want_metrics, logit_sum)
     V = logits2d.shape[1]
     chunk = be.rows_per_chunk(plan.n, V, 0, logits2d.dtype, run.chunk_size) if plan.n else 1

@@ -18,7 +18,7 @@ import torch
 
 import fastirl
 from fastirl import reference
-from fastirl.backends import LogitSpec, get_backend, native
+from fastirl.backends import LogitSpec, get_backend, native, resolve_backend
 from fastirl.backends.torch_chunked import TorchChunkedBackend
 
 from _problems import grads, make_batch
@@ -313,16 +313,18 @@ def test_backend_low_precision(dtype):
                                                                     argmax=True))
 
 
-def test_backend_float64_is_the_torch_backend():
-    be, tb = get_backend("cpu"), TorchChunkedBackend()
-    x = torch.randn(7, 5, dtype=torch.float64)
-    w = torch.randn(13, 5, dtype=torch.float64)
-    t = torch.tensor([0, 3, -1, 12, 5, 5, 1])
-    spec = LogitSpec(entropy=True, argmax=True)
-    a, _ = be.forward(x, w, None, t, spec, keep=False)
-    b, _ = tb.forward(x, w, None, t, spec, keep=False)
-    assert a.value.dtype == torch.float64
-    assert torch.equal(a.value, b.value) and torch.equal(a.entropy, b.entropy)
+def test_float64_runs_on_the_torch_backend():
+    """float64 is not a dtype of the native backend: backend="cpu" resolves to
+    the torch backend for it (one place, resolve_backend), and the loss is the
+    torch backend's, bit for bit."""
+    cpu = torch.device("cpu")
+    assert torch.float64 not in get_backend("cpu").dtypes
+    assert resolve_backend("cpu", cpu, torch.float64).name == "torch"
+    assert resolve_backend("cpu", cpu, torch.float32).name == "cpu"
+    p = make_batch(2, 9, 5, 13, dtype=torch.float64, seed=3)
+    a = fastirl.iq_loss(p["hidden"], p["weight"], p["targets"], backend="cpu")
+    b = fastirl.iq_loss(p["hidden"], p["weight"], p["targets"], backend="torch")
+    assert a.dtype == torch.float64 and torch.equal(a, b)
 
 
 def test_chunk_budget_not_above_torch():

@@ -22,8 +22,9 @@ compiled on first use from ``csrc/`` of a source checkout with
 ``torch.utils.cpp_extension.load`` (ninja) into a build directory per torch
 version: ``$FASTIRL_BUILD_DIR`` or ``~/.cache/fastirl/torch-<version>``.
 
-float64 inputs are delegated to the pure-PyTorch backend (float64 accumulation,
-for gradcheck); the kernels take float32 / bfloat16 / float16 blocks.
+The kernels take float32 / bfloat16 / float16 blocks (the backends' ``dtypes``);
+the engine runs float64 inputs on the PyTorch backend instead
+(:func:`fastirl.backends.resolve_backend`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from typing import Any
 
 import torch
 
-from .base import LogitSpec, RowStats
+from .base import KERNEL_DTYPES, LogitSpec, RowStats
+from . import chunking
 from .gemm_epilogue import GemmEpilogueBackend, addmm_f32
-from .torch_chunked import TorchChunkedBackend
 
 __all__ = ["NativeCPUBackend", "NativeCUDABackend", "load_cpu", "load_cuda", "load_library",
            "csrc_dir", "build_dir"]
@@ -381,79 +382,9 @@ def _nan_argmax(z: torch.Tensor, value: torch.Tensor, amax: torch.Tensor,
         amax[rows[nan]] = i[nan]
 
 
-class _NativeBackend:
-    """The C++ / CUDA epilogues; GEMMs are ATen's.  float64 goes to the torch backend."""
-
-    name = "native"
-    _device_type = "cpu"
-    # forward(keep=True) stores the capped logits in the block (saves the tanh
-    # of the backward pass; the kernel for it exists on the CPU only).
-    _cap_in_place = False
-
-    def __init__(self) -> None:
-        self._fallback = TorchChunkedBackend()
-
-    @staticmethod
-    def _native(dtype: torch.dtype) -> bool:
-        return dtype in (torch.float32, torch.bfloat16, torch.float16)
-
-    def supports(self, device: torch.device) -> bool:
-        return torch.device(device).type == self._device_type
-
-    # The logits block of a chunk, in the dtype the epilogues read.
-    def _logits(self, x, weight, bias) -> torch.Tensor:
-        z = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        return _f32(z)
-
-    def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
-        if not self._native(x.dtype):
-            return self._fallback.forward(x, weight, bias, targets, spec, keep=keep)
-        z = self._logits(x, weight, bias)
-        # (float32 blocks only: capped logits rounded to 16 bits would shift p)
-        capped = (keep and self._cap_in_place and spec.softcap is not None
-                  and z.dtype == torch.float32)
-        return _stats(z, targets, spec, cap_in_place=capped), ((z, capped) if keep else None)
-
-    def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
-                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias, grad_sum=None):
-        if not self._native(x.dtype):
-            return self._fallback.backward(x, weight, bias, targets, value, grad_value,
-                                           grad_target, spec, state, need_x=need_x,
-                                           dweight=dweight, dbias=dbias, grad_sum=grad_sum)
-        z, capped = (self._logits(x, weight, bias), False) if state is None else state
-        torch.ops.fastirl.row_grad_(z, targets, _f32(value), _f32(grad_value), _f32(grad_target),
-                                    float(spec.temperature), spec.softcap, capped,
-                                    _f32_or_none(grad_sum))
-        return self._grad_gemms(z, x, weight, need_x, dweight, dbias)
-
-    def _grad_gemms(self, dz, x, weight, need_x, dweight, dbias):
-        if dbias is not None:
-            dbias.add_(dz.sum(dim=0, dtype=dbias.dtype))
-        if dweight is not None:
-            dweight.addmm_(dz.t(), x.to(dweight.dtype))
-        if not need_x:
-            return None
-        return torch.mm(dz.to(weight.dtype), weight)
-
-    def logits_forward(self, logits, targets, spec: LogitSpec) -> RowStats:
-        if not self._native(logits.dtype):
-            return self._fallback.logits_forward(logits, targets, spec)
-        if logits.dim() == 2 and logits.shape[1] > 0 and logits.stride(1) != 1:
-            logits = logits.contiguous()
-        return _stats(logits, targets, spec)
-
-    def logits_backward(self, logits, targets, value, grad_value, grad_target,
-                        spec: LogitSpec, out: torch.Tensor, *, grad_sum=None) -> None:
-        if not (self._native(logits.dtype) and self._native(out.dtype)):
-            return self._fallback.logits_backward(logits, targets, value, grad_value,
-                                                  grad_target, spec, out, grad_sum=grad_sum)
-        _row_grad_op(logits, targets, _f32(value), _f32(grad_value), _f32(grad_target), spec,
-                     out, _f32_or_none(grad_sum))
-        return None
-
-
-class NativeCPUBackend(_NativeBackend):
-    """C++ epilogues (OpenMP over rows, vectorised along the vocabulary).
+class NativeCPUBackend:
+    """C++ epilogues (OpenMP over rows, vectorised along the vocabulary); GEMMs
+    are ATen's.
 
     bfloat16 / float16 inputs: the GEMMs run in that dtype (oneDNN / AMX where
     the CPU has it, several times faster than float32 GEMMs) and the logits
@@ -465,8 +396,10 @@ class NativeCPUBackend(_NativeBackend):
     """
 
     name = "cpu"
-    _device_type = "cpu"
-    _cap_in_place = True
+    dtypes = KERNEL_DTYPES
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cpu"
 
     def _block_bytes(self, dtype: torch.dtype) -> int:
         return 4 if dtype == torch.float32 else 2
@@ -474,24 +407,46 @@ class NativeCPUBackend(_NativeBackend):
     def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
                        chunk_size: int | None) -> int:
         # The cost model's policy: W / dW traffic per chunk against the block's memory.
-        if chunk_size is None and not self._native(dtype):
-            return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, None)
-        from .chunking import rows_per_chunk
-        return rows_per_chunk(n, vocab, hidden, dtype, device="cpu", chunk_size=chunk_size,
-                              block_itemsize=self._block_bytes(dtype))
+        return chunking.rows_per_chunk(n, vocab, hidden, dtype, device="cpu",
+                                       chunk_size=chunk_size,
+                                       block_itemsize=self._block_bytes(dtype))
 
-    def _logits(self, x, weight, bias) -> torch.Tensor:
-        # float32 block for float32 inputs, the input dtype otherwise
+    @staticmethod
+    def _logits(x, weight, bias) -> torch.Tensor:
+        """The logits block of a chunk: float32 for float32 inputs, the input
+        dtype otherwise."""
         return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
 
-    def _grad_gemms(self, dz, x, weight, need_x, dweight, dbias):
-        if dz.dtype == torch.float32:
-            return super()._grad_gemms(dz, x, weight, need_x, dweight, dbias)
+    def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
+        z = self._logits(x, weight, bias)
+        # forward(keep=True) stores the capped logits in the block (saves the
+        # tanh of the backward pass); float32 blocks only: capped logits rounded
+        # to 16 bits would shift p.
+        capped = keep and spec.softcap is not None and z.dtype == torch.float32
+        return _stats(z, targets, spec, cap_in_place=capped), ((z, capped) if keep else None)
+
+    def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
+                 spec: LogitSpec, state: Any, *, need_x, dweight, dbias, grad_sum=None):
+        z, capped = (self._logits(x, weight, bias), False) if state is None else state
+        torch.ops.fastirl.row_grad_(z, targets, _f32(value), _f32(grad_value), _f32(grad_target),
+                                    float(spec.temperature), spec.softcap, capped,
+                                    _f32_or_none(grad_sum))
+        # z holds dz now, in the input dtype
         if dbias is not None:
-            dbias.add_(dz.sum(dim=0, dtype=dbias.dtype))
-        if dweight is not None:
-            addmm_f32(dweight, dz.t(), x, add_into=torch.ops.fastirl.acc_add_)
-        return torch.mm(dz, weight) if need_x else None
+            dbias.add_(z.sum(dim=0, dtype=dbias.dtype))
+        if dweight is not None:     # (a 16-bit dz: slabs added by the extension's acc_add_)
+            addmm_f32(dweight, z.t(), x, add_into=torch.ops.fastirl.acc_add_)
+        return torch.mm(z, weight) if need_x else None
+
+    def logits_forward(self, logits, targets, spec: LogitSpec) -> RowStats:
+        if logits.dim() == 2 and logits.shape[1] > 0 and logits.stride(1) != 1:
+            logits = logits.contiguous()
+        return _stats(logits, targets, spec)
+
+    def logits_backward(self, logits, targets, value, grad_value, grad_target,
+                        spec: LogitSpec, out: torch.Tensor, *, grad_sum=None) -> None:
+        _row_grad_op(logits, targets, _f32(value), _f32(grad_value), _f32(grad_target), spec,
+                     out, _f32_or_none(grad_sum))
 
 
 class NativeCUDABackend(GemmEpilogueBackend):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import chunking
-from .base import LogitSpec, RowStats, acc_dtype
+from .base import ALL_DTYPES, LogitSpec, RowStats, acc_dtype
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -88,6 +88,7 @@ def _grad_inplace(p_or_e: torch.Tensor, scale: torch.Tensor, targets: torch.Tens
 
 class TorchChunkedBackend:
     name = "torch"
+    dtypes = ALL_DTYPES         # float64 too (float64 accumulation, for gradcheck)
 
     def supports(self, device: torch.device) -> bool:
         return True
