@@ -365,7 +365,7 @@ def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: IQOptions, *,
     if plan.n and run.chunk_size is None and run.memory != "fast":
         mp = memory_plan(plan.n, V, H, dtype, memory=run.memory, need_x=need_x,
                          need_weight=need_w, hardware=hardware_for(hidden2d.device),
-                         block_itemsize=getattr(be, "block_itemsize", lambda d: None)(dtype),
+                         block_itemsize=be.block_itemsize(dtype),
                          weight_itemsize=weight.element_size(),
                          x_itemsize=hidden2d.element_size(), rows_fast=chunk,
                          slabs_allowed=isinstance(backend, str))

@@ -187,6 +187,9 @@ class VocabParallelBackend:
         # Chunking from the largest shard: identical on every rank.
         return self.inner.rows_per_chunk(n, max(self.sizes), hidden, dtype, chunk_size)
 
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        return self.inner.block_itemsize(dtype)
+
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
         st, state = self.inner.forward(x, weight, bias, self._local(targets), spec, keep=keep)
         value = st.value

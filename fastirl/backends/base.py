@@ -113,6 +113,11 @@ class Backend(Protocol):
         """How many rows one ``forward``/``backward`` call should take."""
         ...
 
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        """Bytes per element of the logits block a chunk of ``dtype`` inputs
+        holds (what the memory planner charges per logit)."""
+        ...
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, spec: LogitSpec, *, keep: bool) -> tuple[RowStats, Any]:
         """x (n, H), weight (V, H), bias (V,) or None, targets (n,) int64."""

@@ -152,7 +152,12 @@ class GemmEpilogueBackend:
         # The GPU's W / dW traffic per chunk against the chunk's memory (the
         # roofline model's reasoning, fastirl.backends.chunking).
         return chunking.rows_per_chunk(n, vocab, hidden, dtype, device="cuda",
-                                       hardware=chunking.hardware_for("cuda"))
+                                       hardware=chunking.hardware_for("cuda"),
+                                       block_itemsize=self.block_itemsize(dtype))
+
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        # the block stays in the input dtype (never a float32 copy)
+        return chunking.itemsize(dtype)
 
     @staticmethod
     def logits_block(x: torch.Tensor, weight: torch.Tensor,

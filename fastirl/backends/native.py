@@ -118,7 +118,8 @@ class NativeCPUBackend:
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cpu"
 
-    def _block_bytes(self, dtype: torch.dtype) -> int:
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        # the block stays in the input dtype (float32, or 16 bits)
         return 4 if dtype == torch.float32 else 2
 
     def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
@@ -126,7 +127,7 @@ class NativeCPUBackend:
         # The cost model's policy: W / dW traffic per chunk against the block's memory.
         return chunking.rows_per_chunk(n, vocab, hidden, dtype, device="cpu",
                                        chunk_size=chunk_size,
-                                       block_itemsize=self._block_bytes(dtype))
+                                       block_itemsize=self.block_itemsize(dtype))
 
     @staticmethod
     def _logits(x, weight, bias) -> torch.Tensor:

@@ -95,11 +95,15 @@ class TorchChunkedBackend:
 
     def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
                        chunk_size: int | None) -> int:
-        # float32 (float64) logits blocks, on CUDA when a device is present
+        # on CUDA when a device is present
         device = "cuda" if torch.cuda.is_available() and dtype != torch.float64 else "cpu"
         return chunking.rows_per_chunk(n, vocab, hidden, dtype, device=device,
                                        chunk_size=chunk_size,
-                                       block_itemsize=acc_dtype(dtype).itemsize)
+                                       block_itemsize=self.block_itemsize(dtype))
+
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        # float32 (float64) blocks: the logits are upcast to the accumulation dtype
+        return acc_dtype(dtype).itemsize
 
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
         z = _logits(x, weight, bias, spec)

@@ -265,6 +265,12 @@ class TritonFusedBackend:
             return max(1, min(chunk_size, n))
         return fused_rows_per_chunk(n, hidden)    # bounded by one chunk's float32 dx
 
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        # No (n, V) block: the logits it stores are the dz slabs of the
+        # deterministic backward (and the blocks of the GEMM + epilogue path
+        # that unaligned operands go to), in the input dtype.
+        return self._epilogue.block_itemsize(dtype)
+
     def _use_epilogue(self, x, weight, bias) -> bool:
         """Operands the fused kernels do not take (see fused_aligned) go to the
         GEMM + epilogue backend: same results, and W is never copied."""
