@@ -11,7 +11,7 @@
 Beside each built module a ``<module file>.json`` records the torch version and
 CUDA architectures it was built for; fastirl checks it before importing the
 module and compiles from source instead when torch differs or no kernel image
-fits the GPU (fastirl.backends.native.prebuilt_problem).
+fits the GPU (fastirl.backends.native_build.prebuilt_problem).
 
 Both are optional: without them (or with FASTIRL_BUILD_EXT=0) the package is
 pure Python, and the "cpu" / "cuda" backends compile the same sources on first

@@ -1,7 +1,7 @@
 """Regenerates the README performance tables (markdown) from result CSVs.
 
     python benchmarks/make_table.py                       # every benchmarks/results/*.csv
-    python benchmarks/make_table.py benchmarks/results/issue2-cpu.csv
+    python benchmarks/make_table.py benchmarks/results/issue2-cpu.csv   # the cpu-fp32 preset's
     python benchmarks/make_table.py --write docs/table.md
 
 For each CSV: the main-shape table (variant, mode, forward, forward+backward

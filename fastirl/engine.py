@@ -354,7 +354,7 @@ def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: IQOptions, *,
     tensors dict)."""
     preset = PRESETS[run.preset]
     dtype = _gemm_dtype(compute_dtype or hidden2d.dtype, preset)
-    be = resolve_backend(backend, hidden2d.device)
+    be = resolve_backend(backend, hidden2d.device, dtype)
     spec = _spec(opts, preset, want_metrics, logit_sum)
     V, H = weight.shape
     grad = torch.is_grad_enabled()
@@ -365,7 +365,7 @@ def run_linear(hidden2d, weight, bias, plan: obj.RowPlan, opts: IQOptions, *,
     if plan.n and run.chunk_size is None and run.memory != "fast":
         mp = memory_plan(plan.n, V, H, dtype, memory=run.memory, need_x=need_x,
                          need_weight=need_w, hardware=hardware_for(hidden2d.device),
-                         block_itemsize=getattr(be, "block_itemsize", lambda d: None)(dtype),
+                         block_itemsize=be.block_itemsize(dtype),
                          weight_itemsize=weight.element_size(),
                          x_itemsize=hidden2d.element_size(), rows_fast=chunk,
                          slabs_allowed=isinstance(backend, str))
@@ -421,7 +421,7 @@ def run_logits(logits2d, plan: obj.RowPlan, opts: IQOptions, *, backend: "str | 
     preset = PRESETS[run.preset]
     if preset.upcast and logits2d.dtype not in PRECISE:
         logits2d = logits2d.float()
-    be = resolve_backend(backend, logits2d.device)
+    be = resolve_backend(backend, logits2d.device, logits2d.dtype)
     spec = _spec(opts, preset, want_metrics, logit_sum)
     V = logits2d.shape[1]
     chunk = be.rows_per_chunk(plan.n, V, 0, logits2d.dtype, run.chunk_size) if plan.n else 1

@@ -153,6 +153,7 @@ class VocabParallelBackend:
         self.vocab = sum(sizes)
         self.world = len(sizes)
         self.name = f"vocab_parallel({inner.name})"
+        self.dtypes = inner.dtypes
 
     def __repr__(self) -> str:
         return (f"VocabParallelBackend(inner={self.inner.name!r}, shard=[{self.start}, "
@@ -185,6 +186,9 @@ class VocabParallelBackend:
                     "shape and dtype, the same targets / position_ids / done and options")
         # Chunking from the largest shard: identical on every rank.
         return self.inner.rows_per_chunk(n, max(self.sizes), hidden, dtype, chunk_size)
+
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        return self.inner.block_itemsize(dtype)
 
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
         st, state = self.inner.forward(x, weight, bias, self._local(targets), spec, keep=keep)
@@ -243,7 +247,8 @@ class VocabParallelBackend:
 
 def vocab_parallel(group, weight_shard: torch.Tensor, backend_name: "str | Backend" = "auto",
                    *, batch: dict | None = None, ce_weight: torch.Tensor | None = None,
-                   failed: BaseException | None = None) -> tuple[VocabParallelBackend, int]:
+                   failed: BaseException | None = None,
+                   dtype: torch.dtype | None = None) -> tuple[VocabParallelBackend, int]:
     """The vocabulary-parallel backend of this rank and the global vocabulary size.
 
     ``weight_shard`` (V_r, H) is this rank's contiguous block of LM-head rows;
@@ -257,6 +262,8 @@ def vocab_parallel(group, weight_shard: torch.Tensor, backend_name: "str | Backe
     as does the length of ``ce_weight`` (it must be the global vocabulary).
     ``failed``: this rank's own checks raised ``failed``; it still takes part in
     the all-gather, so that every rank raises instead of waiting for it.
+    ``dtype``: the GEMMs' dtype (default: the weight shard's), which picks the
+    inner backend as :func:`fastirl.backends.resolve_backend` does.
     """
     _check_group(group)
     if failed is None:
@@ -305,7 +312,7 @@ def vocab_parallel(group, weight_shard: torch.Tensor, backend_name: "str | Backe
         _check_fingerprints([r[6:] for r in rows])
     rank = dist.get_rank(group)
     start = sum(sizes[:rank])
-    inner = resolve_backend(backend_name, weight_shard.device)
+    inner = resolve_backend(backend_name, weight_shard.device, dtype or weight_shard.dtype)
     return VocabParallelBackend(inner, group, start, sizes), sum(sizes)
 
 
@@ -319,7 +326,8 @@ def shard_call(call, group):
     vocabulary-parallel backend and the global vocabulary; every rank agrees on
     the shards and the batch first (one all-gather)."""
     backend, vocab = vocab_parallel(group, call.weight, call.run.backend, batch=_batch_of(call),
-                                    ce_weight=call.iq.ce_weight)
+                                    ce_weight=call.iq.ce_weight,
+                                    dtype=call.compute_dtype or call.main.dtype)
     return replace(call, backend=backend, vocab=vocab)
 
 

@@ -25,6 +25,7 @@ import shutil
 import pytest
 import torch
 
+from fastirl.backends import for_dtype
 from fastirl.backends.base import LogitSpec
 from fastirl.backends.torch_chunked import TorchChunkedBackend
 
@@ -42,9 +43,15 @@ def _have_cxx() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++"))
 
 
-def make_backend(name: str):
+def make_backend(name: str, dtype: torch.dtype | None = None):
     """(backend, device, deterministic) for a backend name of BACKENDS; skips what
-    cannot run here."""
+    cannot run here.  With ``dtype``, the backend that runs inputs of that dtype
+    (the PyTorch one for float64, as the engine routes it: ``for_dtype``)."""
+    be, device, det = _make_backend(name)
+    return (be if dtype is None else for_dtype(be, dtype)), device, det
+
+
+def _make_backend(name: str):
     if name == "torch":
         return TorchChunkedBackend(), DEVICE, True
     if name in ("cpu", "cuda"):
@@ -152,7 +159,7 @@ LOGITS_CASES = [  # (n, V, softcap, temperature)
 @pytest.mark.parametrize("case", LOGITS_CASES, ids=lambda c: "n{}-V{}-cap{}-tau{}".format(*c))
 @pytest.mark.parametrize("name", BACKENDS[:5])
 def test_logits_forward_logit_sum(name, case, dtype):
-    be, device, _ = make_backend(name)
+    be, device, _ = make_backend(name, dtype)
     n, V, cap, tau = case
     z, t = logits_block(n, V, dtype, device, seed=V)
     spec = LogitSpec(temperature=tau, softcap=cap, logit_sum=True, entropy=V > 7)
@@ -224,7 +231,7 @@ LINEAR_CASES = [  # (n, H, V, bias, softcap, temperature)
                          ids=lambda c: "n{}-H{}-V{}-b{}-cap{}-tau{}".format(*c))
 @pytest.mark.parametrize("name", BACKENDS[:5])
 def test_forward_logit_sum(name, case, dtype, keep):
-    be, device, _ = make_backend(name)
+    be, device, _ = make_backend(name, dtype)
     n, H, V, bias, cap, tau = case
     x, w, b, t = make(n, H, V, dtype, device, bias=bias, seed=V + n)
     spec = LogitSpec(temperature=tau, softcap=cap, logit_sum=True, argmax=True)
@@ -261,7 +268,7 @@ def test_backward_grad_sum(name, case, dtype, with_sum):
     """dx, dW and db (added into pre-filled float32 accumulators) of
     dL/dz = grad_value p + grad_target onehot (+ grad_sum), single-pass
     (forward(keep=True), then backward(state)) and recompute (state=None)."""
-    be, device, det = make_backend(name)
+    be, device, det = make_backend(name, dtype)
     mode, n, H, V, bias, cap, tau = case
     x, w, b, t = make(n, H, V, dtype, device, bias=bias, seed=n * V)
     spec = LogitSpec(temperature=tau, softcap=cap, deterministic=det)
@@ -311,7 +318,7 @@ def truth_grad_at(z, t, spec: LogitSpec, value, gv, gt, gs):
 @pytest.mark.parametrize("name", BACKENDS[:5])
 def test_logits_backward_grad_sum(name, case, dtype, with_sum):
     """dL/dlogits out of place and in place (out aliasing the logits): the same."""
-    be, device, _ = make_backend(name)
+    be, device, _ = make_backend(name, dtype)
     n, V, cap, tau = case
     z, t = logits_block(n, V, dtype, device, seed=V + 1)
     spec = LogitSpec(temperature=tau, softcap=cap)

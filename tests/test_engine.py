@@ -23,8 +23,15 @@ class Spy:
     def supports(self, device):
         return True
 
+    @property
+    def dtypes(self):
+        return self.inner.dtypes
+
     def rows_per_chunk(self, *args):
         return self.inner.rows_per_chunk(*args)
+
+    def block_itemsize(self, dtype):
+        return self.inner.block_itemsize(dtype)
 
     def forward(self, x, *args, **kw):
         self.rows.append(("forward", x.shape[0]))

@@ -1,4 +1,5 @@
-"""The native backends (csrc/, fastirl/backends/native.py) against float64 truth.
+"""The native backends (csrc/, fastirl/backends/native.py) against float64 truth,
+and the extension's build (fastirl/backends/native_build.py).
 
 The CPU extension is built on first use (JIT, ninja) unless setup.py built it.
 The helpers ``check_*`` take a device and are reused by test_native_gpu.py for
@@ -18,12 +19,12 @@ import torch
 
 import fastirl
 from fastirl import reference
-from fastirl.backends import LogitSpec, get_backend, native
+from fastirl.backends import LogitSpec, get_backend, native, native_build, resolve_backend
 from fastirl.backends.torch_chunked import TorchChunkedBackend
 
 from _problems import grads, make_batch
 
-CSRC = native.csrc_dir()
+CSRC = native_build.csrc_dir()
 ops = torch.ops.fastirl
 
 
@@ -313,16 +314,18 @@ def test_backend_low_precision(dtype):
                                                                     argmax=True))
 
 
-def test_backend_float64_is_the_torch_backend():
-    be, tb = get_backend("cpu"), TorchChunkedBackend()
-    x = torch.randn(7, 5, dtype=torch.float64)
-    w = torch.randn(13, 5, dtype=torch.float64)
-    t = torch.tensor([0, 3, -1, 12, 5, 5, 1])
-    spec = LogitSpec(entropy=True, argmax=True)
-    a, _ = be.forward(x, w, None, t, spec, keep=False)
-    b, _ = tb.forward(x, w, None, t, spec, keep=False)
-    assert a.value.dtype == torch.float64
-    assert torch.equal(a.value, b.value) and torch.equal(a.entropy, b.entropy)
+def test_float64_runs_on_the_torch_backend():
+    """float64 is not a dtype of the native backend: backend="cpu" resolves to
+    the torch backend for it (one place, resolve_backend), and the loss is the
+    torch backend's, bit for bit."""
+    cpu = torch.device("cpu")
+    assert torch.float64 not in get_backend("cpu").dtypes
+    assert resolve_backend("cpu", cpu, torch.float64).name == "torch"
+    assert resolve_backend("cpu", cpu, torch.float32).name == "cpu"
+    p = make_batch(2, 9, 5, 13, dtype=torch.float64, seed=3)
+    a = fastirl.iq_loss(p["hidden"], p["weight"], p["targets"], backend="cpu")
+    b = fastirl.iq_loss(p["hidden"], p["weight"], p["targets"], backend="torch")
+    assert a.dtype == torch.float64 and torch.equal(a, b)
 
 
 def test_chunk_budget_not_above_torch():
@@ -558,7 +561,7 @@ def test_cpu_source_is_warning_clean():
     torch's headers as system headers."""
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     base = [cxx, "-std=c++20", "-fopenmp", "-Wall", "-Wextra", "-Werror", "-I", str(CSRC)]
-    for extra in (["-O3", *native.CXX_FLAGS, "-DFASTIRL_KERNELS_ONLY", "-DFASTIRL_NO_CLONES",
+    for extra in (["-O3", *native_build.CXX_FLAGS, "-DFASTIRL_KERNELS_ONLY", "-DFASTIRL_NO_CLONES",
                    "-c", "-o", os.devnull],
                   ["-fsyntax-only", *_torch_system_includes()]):
         res = subprocess.run(base + extra + [str(CSRC / "iq_cpu.cpp")], capture_output=True,
@@ -626,7 +629,7 @@ def test_cuda_extension_compiles_with_torch_headers(tmp_path):
     compiles it, for sm_80 and sm_90, with -Wall -Wextra on the host side."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
     inc = [f for p in include_paths(device_type="cuda") for f in ("-isystem", p)]
-    cmd = [_nvcc(), "-std=c++20", "-O3", *COMMON_NVCC_FLAGS, *native.NVCC_FLAGS, "-I", str(CSRC),
+    cmd = [_nvcc(), "-std=c++20", "-O3", *COMMON_NVCC_FLAGS, *native_build.NVCC_FLAGS, "-I", str(CSRC),
            *inc, "-Xcompiler", "-fPIC,-Wall,-Wextra", "-Xptxas", "-v", "-c",
            str(CSRC / "iq_cuda.cu"), "-o", str(tmp_path / "full.o")]
     for a in ARCHS:
@@ -642,9 +645,9 @@ def test_cuda_extension_compiles_with_torch_headers(tmp_path):
 
 
 def test_missing_sources_are_an_import_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(native, "_CSRC", tmp_path)
+    monkeypatch.setattr(native_build, "_CSRC", tmp_path)
     with pytest.raises(ImportError, match="sources are missing"):
-        native._jit("fastirl_missing", ("iq_cpu.cpp",), cuda=False)
+        native_build._jit("fastirl_missing", ("iq_cpu.cpp",), cuda=False)
 
 
 # ------------------------------------------------- robustness (issue 11, item 4)
@@ -687,11 +690,11 @@ def test_build_lock_leaves_torchs_os_level_lock_alone(tmp_path, monkeypatch):
     """torch >= 2.14 locks builds with an OS-level FileLock whose file stays on
     disk after every build: a later process must neither wait for it nor delete it."""
     import time
-    monkeypatch.setattr(native, "_torch_uses_baton", lambda: False)
+    monkeypatch.setattr(native_build, "_torch_uses_baton", lambda: False)
     lock = tmp_path / "lock"
     lock.write_text("")                                      # left by a finished build
     t0 = time.time()
-    with native.build_lock(tmp_path, stale_after=300):
+    with native_build.build_lock(tmp_path, stale_after=300):
         assert lock.exists()
     assert time.time() - t0 < 2
 
@@ -699,31 +702,31 @@ def test_build_lock_leaves_torchs_os_level_lock_alone(tmp_path, monkeypatch):
 def test_build_lock_removes_a_stale_torch_lock(tmp_path, monkeypatch):
     import threading
     import time
-    monkeypatch.setattr(native, "_torch_uses_baton", lambda: True)   # torch < 2.14's FileBaton
+    monkeypatch.setattr(native_build, "_torch_uses_baton", lambda: True)   # torch < 2.14's FileBaton
     lock = tmp_path / "lock"
     lock.write_text("")                                      # left by a killed build
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    with native.build_lock(tmp_path, stale_after=300):
+    with native_build.build_lock(tmp_path, stale_after=300):
         assert not lock.exists()
     # a fresh one (an older fastirl building without the fcntl lock) is waited for
     lock.write_text("")
     threading.Timer(0.5, lock.unlink).start()
     t0 = time.time()
-    with native.build_lock(tmp_path, stale_after=300):
+    with native_build.build_lock(tmp_path, stale_after=300):
         assert not lock.exists()
     assert 0.4 < time.time() - t0 < 5
     # ... but never forever
     lock.write_text("")
     t0 = time.time()
-    with native.build_lock(tmp_path, stale_after=1.0):
+    with native_build.build_lock(tmp_path, stale_after=1.0):
         assert not lock.exists()
     assert time.time() - t0 < 5
     # a fastirl builder killed inside its build left its owner file: no wait at all
     (tmp_path / ".fastirl-build.owner").write_text("12345")
     lock.write_text("")
     t0 = time.time()
-    with native.build_lock(tmp_path, stale_after=300):
+    with native_build.build_lock(tmp_path, stale_after=300):
         assert not lock.exists()
     assert time.time() - t0 < 2
     assert not (tmp_path / ".fastirl-build.owner").exists()
@@ -744,7 +747,7 @@ def test_build_lock_waits_for_a_live_builder_not_a_dead_one(tmp_path):
         got = threading.Event()
 
         def take():
-            with native.build_lock(tmp_path):
+            with native_build.build_lock(tmp_path):
                 got.set()
         th = threading.Thread(target=take, daemon=True)
         th.start()
@@ -771,13 +774,13 @@ def test_prebuilt_extension_checks(tmp_path, monkeypatch):
     mod = pkg / "_C.py"
     mod.write_text("raise AssertionError('must not be imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert native.prebuilt_problem("fakeext._C", "cpu") is None          # no build info: as before
-    native.build_info_path(str(mod)).write_text(json.dumps({"torch": "0.0.1", "cuda_archs": []}))
-    assert "built against torch 0.0.1" in native.prebuilt_problem("fakeext._C", "cpu")
-    native.build_info_path(str(mod)).write_text(json.dumps({"torch": torch.__version__}))
-    assert native.prebuilt_problem("fakeext._C", "cpu") is None
-    assert native.prebuilt_problem("fakeext._nope", "cpu") == "not built"
-    cov = native._arch_covered
+    assert native_build.prebuilt_problem("fakeext._C", "cpu") is None          # no build info: as before
+    native_build.build_info_path(str(mod)).write_text(json.dumps({"torch": "0.0.1", "cuda_archs": []}))
+    assert "built against torch 0.0.1" in native_build.prebuilt_problem("fakeext._C", "cpu")
+    native_build.build_info_path(str(mod)).write_text(json.dumps({"torch": torch.__version__}))
+    assert native_build.prebuilt_problem("fakeext._C", "cpu") is None
+    assert native_build.prebuilt_problem("fakeext._nope", "cpu") == "not built"
+    cov = native_build._arch_covered
     assert cov(["8.0", "9.0+PTX"], (8, 6)) and cov(["8.0", "9.0+PTX"], (9, 0))
     assert cov(["8.0", "9.0+PTX"], (10, 0)) and cov(["8.0", "9.0+PTX"], (12, 0))
     assert not cov(["8.0", "9.0"], (10, 0)) and not cov(["9.0"], (8, 0))

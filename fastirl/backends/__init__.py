@@ -16,7 +16,7 @@ import torch
 from .base import Backend, LogitSpec, RowStats
 
 __all__ = ["Backend", "LogitSpec", "RowStats", "available_backends", "get_backend",
-           "resolve_backend", "BACKENDS"]
+           "resolve_backend", "for_dtype", "BACKENDS"]
 
 # name -> "module:attribute" of a zero-argument loader.
 # "triton" and "cuda" are the same design (cuBLAS GEMMs + one fused epilogue
@@ -66,21 +66,31 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def resolve_backend(name: "str | Backend", device: torch.device) -> Backend:
-    """``name`` or, for "auto", the fastest backend available on ``device``.
-    A backend object (e.g. a vocabulary-parallel wrapper) is returned as is."""
+def for_dtype(backend: Backend, dtype: torch.dtype) -> Backend:
+    """``backend``, or the PyTorch backend when ``backend`` does not compute in
+    ``dtype`` (float64 for every backend but "torch"): the one place where
+    inputs a backend does not take are routed elsewhere."""
+    return backend if dtype in backend.dtypes else get_backend("torch")
+
+
+def resolve_backend(name: "str | Backend", device: torch.device,
+                    dtype: torch.dtype | None = None) -> Backend:
+    """``name`` or, for "auto", the fastest backend available on ``device``;
+    with ``dtype``, the PyTorch backend instead where that one does not compute
+    in ``dtype`` (see :func:`for_dtype`).  A backend object (e.g. a
+    vocabulary-parallel wrapper) is returned as is."""
     if not isinstance(name, str):
         return name
     if name != "auto":
         backend = get_backend(name)
         if not backend.supports(device):
             raise ValueError(f"backend {name!r} does not support device {device}")
-        return backend
+        return backend if dtype is None else for_dtype(backend, dtype)
     for candidate in _AUTO.get(device.type, ("torch",)):
         try:
             backend = get_backend(candidate)
         except RuntimeError:
             continue
         if backend.supports(device):
-            return backend
+            return backend if dtype is None else for_dtype(backend, dtype)
     raise RuntimeError(f"no fastirl backend supports device {device}")

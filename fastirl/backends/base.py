@@ -35,7 +35,12 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["LogitSpec", "RowStats", "Backend", "acc_dtype"]
+__all__ = ["LogitSpec", "RowStats", "Backend", "acc_dtype", "KERNEL_DTYPES", "ALL_DTYPES"]
+
+# The input dtypes a kernel backend computes in (its ``dtypes``); the PyTorch
+# backend takes float64 too.
+KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+ALL_DTYPES = KERNEL_DTYPES | {torch.float64}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,12 +101,21 @@ class Backend(Protocol):
     recomputes in ``backward``."""
 
     name: str
+    # The input dtypes it computes in.  :func:`fastirl.backends.resolve_backend`
+    # runs any other (float64) on the PyTorch backend instead, so a backend
+    # chosen by name never sees one (an object passed in is used as it is).
+    dtypes: frozenset[torch.dtype]
 
     def supports(self, device: torch.device) -> bool: ...
 
     def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
                        chunk_size: int | None) -> int:
         """How many rows one ``forward``/``backward`` call should take."""
+        ...
+
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        """Bytes per element of the logits block a chunk of ``dtype`` inputs
+        holds (what the memory planner charges per logit)."""
         ...
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -35,15 +35,12 @@ from typing import Any
 
 import torch
 
-from .base import LogitSpec, RowStats
 from . import chunking
-from .torch_chunked import TorchChunkedBackend
+from .base import KERNEL_DTYPES, LogitSpec, RowStats
 
 __all__ = ["GemmEpilogueBackend", "dz_scale", "grad_gemms", "addmm_f32"]
 
 log = logging.getLogger("fastirl")
-
-_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 # Fallback of the float32-accumulated low-precision dW GEMM (CPU, or a torch
 # without CUDA addmm(out_dtype=)): the low-precision temporary is at most this
@@ -124,14 +121,13 @@ def grad_gemms(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, need_
 
 
 class GemmEpilogueBackend:
-    """Chunked GEMMs around two epilogue kernels (see the module doc).  float64
-    goes to the PyTorch backend.  Subclasses set ``name`` and implement
-    ``supports``, ``_row_stats`` and ``_row_grad``."""
+    """Chunked GEMMs around two epilogue kernels (see the module doc), for
+    float32 / bfloat16 / float16 inputs (``dtypes``; the engine runs float64 on
+    the PyTorch backend).  Subclasses set ``name`` and implement ``supports``,
+    ``_row_stats`` and ``_row_grad``."""
 
     name = "gemm-epilogue"
-
-    def __init__(self) -> None:
-        self._fallback = TorchChunkedBackend()
+    dtypes = KERNEL_DTYPES
 
     # -- to implement ------------------------------------------------------
     def supports(self, device: torch.device) -> bool:
@@ -153,16 +149,15 @@ class GemmEpilogueBackend:
                        chunk_size: int | None) -> int:
         if chunk_size is not None:
             return max(1, min(chunk_size, n))
-        if dtype not in _FLOAT:
-            return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, None)
         # The GPU's W / dW traffic per chunk against the chunk's memory (the
         # roofline model's reasoning, fastirl.backends.chunking).
         return chunking.rows_per_chunk(n, vocab, hidden, dtype, device="cuda",
-                                       hardware=chunking.hardware_for("cuda"))
+                                       hardware=chunking.hardware_for("cuda"),
+                                       block_itemsize=self.block_itemsize(dtype))
 
-    @staticmethod
-    def _native(*tensors: torch.Tensor | None) -> bool:
-        return all(t is None or t.dtype in _FLOAT for t in tensors)
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        # the block stays in the input dtype (never a float32 copy)
+        return chunking.itemsize(dtype)
 
     @staticmethod
     def logits_block(x: torch.Tensor, weight: torch.Tensor,
@@ -171,17 +166,11 @@ class GemmEpilogueBackend:
         return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
 
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
-        if not self._native(x, weight, bias):
-            return self._fallback.forward(x, weight, bias, targets, spec, keep=keep)
         z = self.logits_block(x, weight, bias)
         return self._row_stats(z, targets, spec), (z if keep else None)
 
     def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
                  spec: LogitSpec, state: Any, *, need_x, dweight, dbias, grad_sum=None):
-        if not self._native(x, weight, bias):
-            return self._fallback.backward(x, weight, bias, targets, value, grad_value,
-                                           grad_target, spec, None, need_x=need_x,
-                                           dweight=dweight, dbias=dbias, grad_sum=grad_sum)
         z = self.logits_block(x, weight, bias) if state is None else state
         gv, gt = grad_value.float(), grad_target.float()
         gs = None if grad_sum is None else grad_sum.float()
@@ -193,16 +182,10 @@ class GemmEpilogueBackend:
         return grad_gemms(z, x, weight, need_x=need_x, dweight=dweight, dbias=dbias, scale=s)
 
     def logits_forward(self, logits, targets, spec: LogitSpec) -> RowStats:
-        if not self._native(logits):
-            return self._fallback.logits_forward(logits, targets, spec)
         return self._row_stats(logits, targets, spec)
 
     def logits_backward(self, logits, targets, value, grad_value, grad_target,
                         spec: LogitSpec, out: torch.Tensor, *, grad_sum=None) -> None:
-        if not self._native(logits, out):
-            return self._fallback.logits_backward(logits, targets, value, grad_value,
-                                                  grad_target, spec, out, grad_sum=grad_sum)
         self._row_grad(logits, targets, value.float(), grad_value.float(),
                        grad_target.float(), spec, out,
                        None if grad_sum is None else grad_sum.float())
-        return None

@@ -27,11 +27,7 @@ from typing import Any
 import torch
 
 from . import chunking
-from .base import LogitSpec, RowStats, acc_dtype
-
-# The smallest logits-block budgets of the chunk policy (kept for callers of
-# the old per-device budget; the policy itself is fastirl.backends.chunking).
-_BUDGET = {"cpu": chunking.CPU.min_block_bytes, "cuda": chunking.GPUS["h100"].min_block_bytes}
+from .base import ALL_DTYPES, LogitSpec, RowStats, acc_dtype
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -92,17 +88,22 @@ def _grad_inplace(p_or_e: torch.Tensor, scale: torch.Tensor, targets: torch.Tens
 
 class TorchChunkedBackend:
     name = "torch"
+    dtypes = ALL_DTYPES         # float64 too (float64 accumulation, for gradcheck)
 
     def supports(self, device: torch.device) -> bool:
         return True
 
     def rows_per_chunk(self, n: int, vocab: int, hidden: int, dtype: torch.dtype,
                        chunk_size: int | None) -> int:
-        # float32 (float64) logits blocks, on CUDA when a device is present
+        # on CUDA when a device is present
         device = "cuda" if torch.cuda.is_available() and dtype != torch.float64 else "cpu"
         return chunking.rows_per_chunk(n, vocab, hidden, dtype, device=device,
                                        chunk_size=chunk_size,
-                                       block_itemsize=acc_dtype(dtype).itemsize)
+                                       block_itemsize=self.block_itemsize(dtype))
+
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        # float32 (float64) blocks: the logits are upcast to the accumulation dtype
+        return acc_dtype(dtype).itemsize
 
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
         z = _logits(x, weight, bias, spec)

@@ -23,8 +23,8 @@ the cost model reads too.  Sizes that vary between calls (rows, splits) are
 ``do_not_specialize`` arguments: one compilation serves every chunk.  Every
 launch runs under the inputs' device (``torch.cuda.device``).
 
-Inputs other than float32 / bfloat16 / float16 (float64) are delegated to the
-PyTorch backend.  Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors
+Both compute in float32 / bfloat16 / float16 (``dtypes``; the engine runs
+float64 on the PyTorch backend).  Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors
 (slowly: for tests), with GEMM tiles cast to float32 first.
 """
 
@@ -34,8 +34,7 @@ import contextlib
 
 import torch
 
-from .base import LogitSpec, RowStats
-from .gemm_epilogue import _FLOAT as _FLOAT_DTYPES
+from .base import KERNEL_DTYPES, LogitSpec, RowStats
 from .gemm_epilogue import GemmEpilogueBackend, dz_scale, grad_gemms
 
 try:
@@ -45,7 +44,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import triton_linear as K
 from . import triton_logits as L
-from .torch_chunked import TorchChunkedBackend
 from .triton_plan import (  # noqa: F401  (re-exported: the planning API)
     _CHUNK_BYTES, _SLAB_BYTES, CONFIGS, INTERP_DEVICE, INTERPRET, LINEAR_KERNELS, LOGITS_KERNELS,
     MIN_BLOCKS_PER_SPLIT, WAVES, DeviceInfo, Launch, TileConfig, config_key, device_index,
@@ -217,7 +215,6 @@ class TritonBackend(GemmEpilogueBackend):
     name = "triton"
 
     def __init__(self, *, fwd_splits: int | None = None, interpret: bool = INTERPRET):
-        super().__init__()
         self.fwd_splits = fwd_splits
         self.interpret = interpret
 
@@ -250,13 +247,13 @@ class TritonFusedBackend:
     """
 
     name = "triton-fused"
+    dtypes = KERNEL_DTYPES
 
     def __init__(self, *, fwd_splits: int | None = None, bwd_splits: int | None = None,
                  interpret: bool = INTERPRET):
         self.fwd_splits = fwd_splits
         self.bwd_splits = bwd_splits
         self.interpret = interpret
-        self._fallback = TorchChunkedBackend()
         self._epilogue = TritonBackend(interpret=interpret)
 
     def supports(self, device: torch.device) -> bool:
@@ -266,11 +263,13 @@ class TritonFusedBackend:
                        chunk_size: int | None) -> int:
         if chunk_size is not None:
             return max(1, min(chunk_size, n))
-        if dtype not in _FLOAT_DTYPES:
-            return self._fallback.rows_per_chunk(n, vocab, hidden, dtype, None)
         return fused_rows_per_chunk(n, hidden)    # bounded by one chunk's float32 dx
 
-    _native = staticmethod(GemmEpilogueBackend._native)
+    def block_itemsize(self, dtype: torch.dtype) -> int:
+        # No (n, V) block: the logits it stores are the dz slabs of the
+        # deterministic backward (and the blocks of the GEMM + epilogue path
+        # that unaligned operands go to), in the input dtype.
+        return self._epilogue.block_itemsize(dtype)
 
     def _use_epilogue(self, x, weight, bias) -> bool:
         """Operands the fused kernels do not take (see fused_aligned) go to the
@@ -279,8 +278,6 @@ class TritonFusedBackend:
 
     # -- statistics ---------------------------------------------------------
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
-        if not self._native(x, weight, bias):
-            return self._fallback.forward(x, weight, bias, targets, spec, keep=keep)
         n, V = x.shape[0], weight.shape[0]
         if n == 0:
             return _empty_stats(x.device, spec), None
@@ -308,11 +305,6 @@ class TritonFusedBackend:
     # -- gradients ----------------------------------------------------------
     def backward(self, x, weight, bias, targets, value, grad_value, grad_target,
                  spec: LogitSpec, state, *, need_x, dweight, dbias, grad_sum=None):
-        if (not self._native(x, weight, bias)
-                or any(t is not None and t.dtype != torch.float32 for t in (dweight, dbias))):
-            return self._fallback.backward(x, weight, bias, targets, value, grad_value,
-                                           grad_target, spec, None, need_x=need_x,
-                                           dweight=dweight, dbias=dbias, grad_sum=grad_sum)
         if dbias is not None and bias is None:
             raise ValueError("dbias given without bias")
         n, H = x.shape
@@ -400,8 +392,6 @@ class TritonFusedBackend:
 
     # -- stored logits: the epilogue kernels ---------------------------------
     def logits_forward(self, logits, targets, spec: LogitSpec) -> RowStats:
-        if not self._native(logits):
-            return self._fallback.logits_forward(logits, targets, spec)
         return logits_stats(logits, targets, spec, interpret=self.interpret,
                             splits=self.fwd_splits)
 

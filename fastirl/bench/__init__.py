@@ -2,7 +2,7 @@
 loss, cross-entropy anchors and the matmul floor.
 
     fastirl-bench                      # default shape on the present device
-    fastirl-bench --preset issue2      # the issue-2 comparison (CPU, fp32)
+    fastirl-bench --preset cpu-fp32    # CPU fp32, B=4 T=1024 H=512 V=32000 + token sweep
     fastirl-bench --list               # variants and whether they run here
     python -m fastirl.bench --help
 

@@ -29,8 +29,8 @@ PRESETS: dict[str, dict] = {
         cpu=dict(batch=4, seq=256, hidden=256, vocab=8192, dtype="float32"),
         cuda=dict(batch=8, seq=1024, hidden=4096, vocab=128256, dtype="bfloat16"),
         variants="default", sweep="none"),
-    "issue2": dict(
-        help="the issue-2 comparison: CPU fp32, B=4 T=1024 H=512 V=32000, fastirl torch "
+    "cpu-fp32": dict(
+        help="CPU fp32, B=4 T=1024 H=512 V=32000: fastirl torch "
              "backend vs naive IQ vs torch F.linear_cross_entropy vs the matmul floor, "
              "and memory against tokens (N = 1024..16384)",
         cpu=dict(batch=4, seq=1024, hidden=512, vocab=32000, dtype="float32"),
