@@ -74,9 +74,10 @@ def _time(fn, reps: int = 10) -> float:
 def ceilings(path: str, gpu: str) -> int:
     import torch
 
-    from fastirl.bench import model as M
+    from fastirl.backends import hardware
+    from fastirl.bench import launches as L
     from fastirl.bench import predict as P
-    hw = M.gpu(gpu)
+    hw = hardware.gpu(gpu)
     N, H, V = SHAPE["tokens"], SHAPE["hidden"], SHAPE["vocab"]
     c = 4096
     shapes = [("square 8192^3", 8192, 8192, 8192), ("logits (c x V x H)", c, V, H),
@@ -89,7 +90,7 @@ def ceilings(path: str, gpu: str) -> int:
         b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=g)
         o = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         s = _time(lambda: torch.mm(a, b, out=o))
-        pred = M.gemm("mm", m, n, k, "bfloat16").seconds(hw)
+        pred = L.gemm("mm", m, n, k, "bfloat16").seconds(hw)
         tf = 2 * m * n * k / s / 1e12
         out.append(dict(what=name, m=m, n=n, k=k, measured_ms=s * 1e3, predicted_ms=pred * 1e3,
                         tflops=tf, fraction_of_peak=tf * 1e12 / hw.gemm_flops("bfloat16")))
@@ -98,7 +99,7 @@ def ceilings(path: str, gpu: str) -> int:
     dst = torch.empty_like(src)
     s = _time(lambda: dst.copy_(src))
     moved = 2 * src.numel() * 2
-    pred = M.elementwise("copy", src.numel(), 4, 0.0).seconds(hw)
+    pred = L.elementwise("copy", src.numel(), 4, 0.0).seconds(hw)
     out.append(dict(what="copy 4.3 GB", m="", n="", k="", measured_ms=s * 1e3,
                     predicted_ms=pred * 1e3, tflops="", fraction_of_peak=moved / s / hw.bandwidth))
     with open(path, "w", newline="") as f:
@@ -131,7 +132,8 @@ def profile(path: str, gpu: str) -> int:
     from torch.profiler import profile as tprofile
 
     import fastirl
-    from fastirl.bench import model as M
+    from fastirl.backends import hardware
+    from fastirl.bench import launches as L
     from fastirl.bench import predict as P
     from fastirl.bench.logits import make_inputs
 
@@ -163,7 +165,7 @@ def profile(path: str, gpu: str) -> int:
         slot[0] += dev / 1e3
         slot[1] += e.count
         slot[2].append(e.key[:60])
-    pred = P.predict("fastirl-triton", M.Shape(N, H, V, "bfloat16"), M.gpu(gpu))
+    pred = P.predict("fastirl-triton", L.Shape(N, H, V, "bfloat16"), hardware.gpu(gpu))
     model_cls: dict[str, float] = {}
     for k, v in pred.by_kind().items():
         cls = ("gemm" if k.startswith("gemm") else "fill" if "zero_fill" in k else
@@ -190,10 +192,10 @@ def profile(path: str, gpu: str) -> int:
 
 
 def join(out: str, gpu: str) -> int:
-    from fastirl.bench import model as M
+    from fastirl.backends import hardware
     from fastirl.bench import predict as P
     from fastirl.bench import report
-    hw = M.gpu(gpu)
+    hw = hardware.gpu(gpu)
     cols = ["variant", "inputs", "gpu", "status", "measured_fb_ms", "predicted_ms",
             "measured_vs_predicted", "measured_peak_mib", "reason"]
     rows = []
@@ -228,7 +230,8 @@ def imports() -> int:
     import fastirl.bench  # noqa: F401
     import fastirl.bench.cli  # noqa: F401
     import fastirl.bench.worker  # noqa: F401
-    from fastirl.bench import calibration, logits, model, peers, predict, roofline  # noqa: F401
+    from fastirl.bench import (calibration, launches, logits, model, peers,  # noqa: F401
+                               predict, roofline)
     from fastirl.backends import hardware, triton_plan  # noqa: F401
     for name in ("triton", "fastirl.backends.triton_kernels", "liger_kernel",
                  "cut_cross_entropy"):
@@ -237,7 +240,7 @@ def imports() -> int:
             print(f"  import {name}: ok")
         except Exception as exc:   # noqa: BLE001
             print(f"  import {name}: {type(exc).__name__}: {str(exc)[:120]}")
-    print("  cost model:", f"{predict.predict('fastirl-triton', model.Shape(8192, 4096, 128256), model.gpu('h200')).seconds * 1e3:.1f} ms predicted on h200")
+    print("  cost model:", f"{predict.predict('fastirl-triton', launches.Shape(8192, 4096, 128256), hardware.gpu('h200')).seconds * 1e3:.1f} ms predicted on h200")
     return 0
 
 

@@ -11,12 +11,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fastirl
 from fastirl.backends import chunking
+from fastirl.backends.hardware import gpu
+from fastirl.bench import launches as L
 from fastirl.bench import roofline as R
 
 CPU_HW = chunking.CPU
 
 
-def _gemm_flops(pred: R.Prediction) -> float:
+def _gemm_flops(pred: L.Prediction) -> float:
     return sum(o.flops * o.count for o in pred.ops if o.unit != "vector")
 
 
@@ -34,7 +36,7 @@ def test_torch_backend_flops_equal_flop_counter(chunk_size, dtype):
     with counter:
         loss = fastirl.iq_loss(x, w, t, backend="torch", chunk_size=chunk_size)
         loss.backward()
-    shape = R.Shape(B * T, H, V, str(dtype).split(".")[-1])
+    shape = L.Shape(B * T, H, V, str(dtype).split(".")[-1])
     pred = R.predict("fastirl-torch", shape, CPU_HW, chunk_size=chunk_size)
     assert _gemm_flops(pred) == counter.get_total_flops()
     assert _gemm_flops(pred) >= 6 * B * T * H * V       # never below the three GEMMs
@@ -48,7 +50,7 @@ def test_floor_flops_equal_flop_counter():
         z = x @ w.t()
         z @ w
         z.t() @ x
-    pred = R.predict("matmul-floor", R.Shape(N, H, V, "float32"), CPU_HW)
+    pred = R.predict("matmul-floor", L.Shape(N, H, V, "float32"), CPU_HW)
     assert pred.flops == counter.get_total_flops() == 6 * N * H * V
 
 
@@ -56,7 +58,7 @@ def test_cpu_epilogue_bytes_by_hand():
     """fastirl-cpu, bf16, two chunks: the statistics epilogue reads each logit
     once (2 bytes), the gradient epilogue reads and writes it (4 bytes)."""
     N, H, V = 64, 32, 1000
-    pred = R.predict("fastirl-cpu", R.Shape(N, H, V, "bfloat16"), CPU_HW, chunk_size=32)
+    pred = R.predict("fastirl-cpu", L.Shape(N, H, V, "bfloat16"), CPU_HW, chunk_size=32)
     stats = [o for o in pred.ops if o.name == "epilogue_stats"]
     grad = [o for o in pred.ops if o.name == "epilogue_grad"]
     assert [o.bytes for o in stats] == [33 * V * 2, 32 * V * 2]     # + one look-ahead row
@@ -69,8 +71,8 @@ def test_cpu_epilogue_bytes_by_hand():
 def test_gpu_epilogue_bytes_by_hand():
     """The planner's statistics / gradient epilogues on a stored block."""
     N, H, V = 4096, 4096, 128256
-    hw = R.gpu("h100")
-    pred = R.predict("fastirl-cuda", R.Shape(N, H, V, "bfloat16"), hw)
+    hw = gpu("h100")
+    pred = R.predict("fastirl-cuda", L.Shape(N, H, V, "bfloat16"), hw)
     grad = [o for o in pred.ops if o.name == "epilogue_grad"]
     assert sum(o.bytes for o in grad) == N * V * 2 * 2
     stats = [o for o in pred.ops if o.name == "epilogue_stats"]
@@ -84,51 +86,51 @@ def test_gpu_epilogue_bytes_by_hand():
 def test_op_time_is_the_roofline():
     """Uncalibrated: max(flops / peak, bytes / bandwidth); calibrated: the
     achievable fractions, the launch cost and, for GEMMs, the unhidden part."""
-    hw = R.gpu("h100")
+    hw = gpu("h100")
     cal = hw.calibration
-    compute = R.Op("gemm", 2e12, 1e6, "bfloat16", launches=0)
-    memory = R.Op("copy", 1e6, 3.35e9, "vector", launches=0)
+    compute = L.Op("gemm", 2e12, 1e6, "bfloat16", launches=0)
+    memory = L.Op("copy", 1e6, 3.35e9, "vector", launches=0)
     assert compute.seconds(hw, calibrated=False) == pytest.approx(2e12 / 989.4e12)
     assert memory.seconds(hw, calibrated=False) == pytest.approx(1e-3)
     tc, tm = 2e12 / (989.4e12 * cal.gemm), 1e6 / (3.35e12 * cal.bandwidth)
     assert compute.seconds(hw) == pytest.approx(tc + (1 - cal.overlap) * tm)
     assert memory.seconds(hw) == pytest.approx(1e-3 / cal.bandwidth)
-    assert R.Op("x", 1, 1, "vector").seconds(hw) == pytest.approx(cal.launch_s, rel=1e-3)
-    assert R.Op("x", 1, 1, "vector", count=3).seconds(hw) == pytest.approx(
-        3 * R.Op("x", 1, 1, "vector").seconds(hw))
+    assert L.Op("x", 1, 1, "vector").seconds(hw) == pytest.approx(cal.launch_s, rel=1e-3)
+    assert L.Op("x", 1, 1, "vector", count=3).seconds(hw) == pytest.approx(
+        3 * L.Op("x", 1, 1, "vector").seconds(hw))
 
 
-LLAMA3_8B = R.Shape(8192, 4096, 128256, "bfloat16")
+LLAMA3_8B = L.Shape(8192, 4096, 128256, "bfloat16")
 
 
 def test_cuda_default_claims():
     """What docs/gpu-model.md states for the design auto picks on CUDA at the
     Llama-3-8B head on H100: <= 1.25x the calibrated floor, faster than Liger
     and CCE (lm inputs); the data-sheet floor is 3 GEMMs at the bf16 peak."""
-    preds = {p.variant: p for p in R.predict_all(LLAMA3_8B, R.gpu("h100"))}
+    preds = {p.variant: p for p in R.predict_all(LLAMA3_8B, gpu("h100"))}
     for default in ("fastirl-triton", "fastirl-cuda"):
         assert preds[default].vs_floor <= 1.25
         assert preds[default].seconds <= preds["liger"].seconds
         assert preds[default].seconds <= preds["cce"].seconds
     assert preds["matmul-floor"].vs_floor == pytest.approx(1.0)
-    raw = R.predict("matmul-floor", LLAMA3_8B, R.gpu("h100"),
-                    options=R.Options(calibrated=False))
+    raw = R.predict("matmul-floor", LLAMA3_8B, gpu("h100"),
+                    options=L.Options(calibrated=False))
     assert raw.seconds == pytest.approx(6 * 8192 * 4096 * 128256 / 989.4e12, rel=0.02)
 
 
 def test_engine_switches_each_change_one_thing():
     """dw_zero_fill, lookahead and addmm_out_dtype: each switch removes /
     adds its own launches (the lead flips them when the engine changes)."""
-    hw = R.gpu("h100")
+    hw = gpu("h100")
     base = R.predict("fastirl-triton", LLAMA3_8B, hw)
     kinds = base.by_kind()
     assert "dW_zero_fill" in kinds
-    no_fill = R.predict("fastirl-triton", LLAMA3_8B, hw, options=R.Options(dw_zero_fill=False))
+    no_fill = R.predict("fastirl-triton", LLAMA3_8B, hw, options=L.Options(dw_zero_fill=False))
     assert "dW_zero_fill" not in no_fill.by_kind() and no_fill.seconds < base.seconds
-    no_look = R.predict("fastirl-triton", LLAMA3_8B, hw, options=R.Options(lookahead=False))
+    no_look = R.predict("fastirl-triton", LLAMA3_8B, hw, options=L.Options(lookahead=False))
     assert no_look.seconds < base.seconds
     assert no_look.flops < base.flops                     # the c + 1 rows are gone
-    old = R.predict("fastirl-triton", LLAMA3_8B, hw, options=R.Options(addmm_out_dtype=False))
+    old = R.predict("fastirl-triton", LLAMA3_8B, hw, options=L.Options(addmm_out_dtype=False))
     assert 1.05 < old.seconds / base.seconds < 1.25       # the issue's +13 %
 
 
@@ -170,7 +172,7 @@ def test_random_inputs_defeat_cce_filtering():
 
 def test_every_cuda_variant_predicts_on_every_gpu():
     for name in chunking.GPUS:
-        preds = R.predict_all(R.Shape(2048, 1024, 32000, "bfloat16"), R.gpu(name))
+        preds = R.predict_all(L.Shape(2048, 1024, 32000, "bfloat16"), gpu(name))
         assert {p.variant for p in preds} == set(R.cuda_variants())
         for p in preds:
             assert p.seconds > 0 and p.flops > 0 and p.hbm_bytes > 0 and p.launches > 0
@@ -178,7 +180,7 @@ def test_every_cuda_variant_predicts_on_every_gpu():
 
 
 def test_faster_memory_only_helps():
-    h100, h200 = R.predict_all(LLAMA3_8B, R.gpu("h100")), R.predict_all(LLAMA3_8B, R.gpu("h200"))
+    h100, h200 = R.predict_all(LLAMA3_8B, gpu("h100")), R.predict_all(LLAMA3_8B, gpu("h200"))
     for a, b in zip(h100, h200):
         assert b.seconds <= a.seconds * (1 + 1e-9), a.variant
 
@@ -207,7 +209,7 @@ def test_cli_rejects_bad_input(capsys):
 
 
 def test_cpu_calibration_is_sane():
-    hw = R.calibrate_cpu(seconds=0.4)
+    hw = L.calibrate_cpu(seconds=0.4)
     assert hw.kind == "cpu" and hw.bandwidth > 1e8
     assert hw.gemm_flops("float32") > 1e8 and hw.gemm_flops("bfloat16") > 1e8
 
@@ -315,16 +317,16 @@ def test_rows_plan_memory_by_hand():
     """fast at the 8B head (H100): two chunks of 4096 rows; the peak is dx +
     the float32 dW + the larger of (a block with its look-ahead row + its dx
     chunk) and the bf16 dW cast at the end."""
-    p = R.predict("fastirl-triton@fast", LLAMA3_8B, R.gpu("h100"))
+    p = R.predict("fastirl-triton@fast", LLAMA3_8B, gpu("h100"))
     assert p.note.endswith("2 chunks of 4096 rows")
     block = 4097 * V8 * 2 + 4097 * H8 * 2
     assert p.peak_extra_bytes == N8 * H8 * 2 + V8 * H8 * 4 + max(block, V8 * H8 * 2)
     assert p.peak_extra_bytes / 2**30 == pytest.approx(3.03, abs=0.01)
     # the unsuffixed variant is the library's default setting ("fast" today)
-    assert R.predict("fastirl-triton", LLAMA3_8B, R.gpu("h100")).peak_extra_bytes == \
+    assert R.predict("fastirl-triton", LLAMA3_8B, gpu("h100")).peak_extra_bytes == \
         p.peak_extra_bytes
     # frozen head: no dW at all, dx + the block and its dx chunk
-    f = R.predict("fastirl-triton@fast", LLAMA3_8B, R.gpu("h100"), need_weight=False)
+    f = R.predict("fastirl-triton@fast", LLAMA3_8B, gpu("h100"), need_weight=False)
     assert f.peak_extra_bytes == N8 * H8 * 2 + block
     assert "gemm_dw" not in f.by_kind() and "dW_cast" not in f.by_kind()
 
@@ -334,7 +336,7 @@ def test_slabs_plan_memory_and_launches_by_hand():
     columns, one block of 8192 rows); peak = dx and dW (bf16) + the float32 dx
     accumulator + a slab's float32 dW buffer + the (r, S) block + two (r, H)
     dx blocks; four GEMMs of 2NHV FLOPs each."""
-    hw = R.gpu("h100")
+    hw = gpu("h100")
     mp = MEM.plan(N8, V8, H8, torch.bfloat16, memory="balanced", need_x=True,
                   need_weight=True, hardware=hw, weight_itemsize=2,
                   rows_fast=chunking.rows_per_chunk(N8, V8, H8, torch.bfloat16, hardware=hw))
@@ -352,7 +354,7 @@ def test_slabs_plan_memory_and_launches_by_hand():
         assert k in kinds
     assert "dW_zero_fill" not in kinds and "dW_cast" not in kinds
     # the proposed engine changes remove the dx temporaries / the slab buffer
-    o = R.Options(slab_dx_direct=True, direct_dw=True)
+    o = L.Options(slab_dx_direct=True, direct_dw=True)
     q = R.predict("fastirl-triton@balanced", LLAMA3_8B, hw, options=o)
     assert q.peak_extra_bytes == N8 * H8 * 2 + V8 * H8 * 2 + N8 * H8 * 4 + r * S * 2
     assert "dx_acc_add" not in q.by_kind() and q.seconds < p.seconds
@@ -360,7 +362,7 @@ def test_slabs_plan_memory_and_launches_by_hand():
 
 def test_peers_memory_by_hand():
     """Liger 0.8.5 (256-row chunks at N = 8k) and CCE, trained and frozen head."""
-    hw = R.gpu("h100")
+    hw = gpu("h100")
     liger = R.predict("liger", LLAMA3_8B, hw).peak_extra_bytes
     assert liger == 256 * V8 * 2 + V8 * H8 * 2 + N8 * H8 * 2 + N8 * 4
     cce = R.predict("cce", LLAMA3_8B, hw).peak_extra_bytes
@@ -376,7 +378,7 @@ def test_peers_memory_by_hand():
 
 
 def test_cuda_backend_is_modelled_as_triton_at_every_setting():
-    hw = R.gpu("h200")
+    hw = gpu("h200")
     for m in ("fast", "balanced", "compact", "512MiB"):
         a = R.predict(f"fastirl-triton@{m}", LLAMA3_8B, hw)
         b = R.predict(f"fastirl-cuda@{m}", LLAMA3_8B, hw)
@@ -385,8 +387,8 @@ def test_cuda_backend_is_modelled_as_triton_at_every_setting():
 
 def test_a_budget_below_the_least_is_refused_like_the_engine():
     with pytest.raises(ValueError, match="below the least working memory"):
-        R.predict("fastirl-triton@256MiB", R.Shape(65536, H8, V8), R.gpu("h100"))
-    pts = PA.points(R.Shape(65536, H8, V8), R.gpu("h100"))
+        R.predict("fastirl-triton@256MiB", L.Shape(65536, H8, V8), gpu("h100"))
+    pts = PA.points(L.Shape(65536, H8, V8), gpu("h100"))
     refused = {p.label: p.refused for p in pts if p.seconds is None}
     assert set(refused) == {"fastirl-triton@256MiB", "fastirl-triton@512MiB",
                             "fastirl-triton@1GiB"}
@@ -403,7 +405,7 @@ FRONT_8K = {"fastirl-triton@fast", "fastirl-triton@balanced", "fastirl-triton@51
 
 @pytest.mark.parametrize("gpu_name", ["h100", "h200"])
 def test_pareto_front_at_the_8b_head_is_pinned(gpu_name):
-    pts = {p.label: p for p in PA.points(LLAMA3_8B, R.gpu(gpu_name))}
+    pts = {p.label: p for p in PA.points(LLAMA3_8B, gpu(gpu_name))}
     assert {k for k, p in pts.items() if p.on_front} == FRONT_8K
     t = lambda k: pts[k].seconds  # noqa: E731
     m = lambda k: pts[k].peak  # noqa: E731
@@ -462,7 +464,7 @@ def test_engine_plan_is_the_plan_the_engine_runs(monkeypatch):
             x = torch.randn(1, N, H, dtype=dtype, requires_grad=True)
             w = torch.randn(V, H, dtype=dtype, requires_grad=True)
             t = torch.randint(0, V, (1, N))
-            s = R.Shape(N, H, V, str(dtype).split(".")[-1])
+            s = L.Shape(N, H, V, str(dtype).split(".")[-1])
             for memory in ("balanced", "compact", 200_000, 60_000):
                 seen.clear()
                 fastirl.iq_loss(x, w, t, backend=backend, memory=memory).backward()
@@ -513,7 +515,7 @@ def test_cpu_model_peak_matches_the_measured_peak(name):
     peak = json.loads(out.stdout.strip().splitlines()[-1])
     if peak is None:
         pytest.skip("no exact resident-memory measurement here")
-    p = R.predict(name, R.Shape(2048, 256, 32000, "bfloat16"), CPU_HW)
+    p = R.predict(name, L.Shape(2048, 256, 32000, "bfloat16"), CPU_HW)
     # rows plans (fast: 2 chunks of 1024 rows; balanced: 4 of 512) and slabs plans
     assert ("slabs" in p.note) == name.endswith(("@compact", "@4MiB"))
     assert p.peak_extra_bytes == pytest.approx(peak, rel=0.10), (name, p.note)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 from fastirl.backends.hardware import CALIBRATIONS, GPUS, Calibration, Hardware
 
-from .model import DEFAULT_OPTIONS, Shape
+from .launches import DEFAULT_OPTIONS, Shape
 from .predict import predict
 
 __all__ = ["Figure", "FIGURES", "predict_figure", "table", "fit", "CCE_PAPER_KEPT",

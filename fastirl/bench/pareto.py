@@ -29,9 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fastirl.backends.hardware import Hardware
+from fastirl.backends.hardware import Hardware, gpu
 
-from .model import DEFAULT_OPTIONS, Options, Shape, gpu
+from .launches import DEFAULT_OPTIONS, Options, Shape
 from .predict import predict
 from .report import markdown_table, text_table, write_rows
 from .variants import budget_label, with_memory

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 
-from .model import ISZ, Op, Options, Shape, elementwise, gemm, small_launches
+from .launches import Op, Options, Shape, elementwise, gemm, small_launches
 
 __all__ = ["PEERS", "LIGER_CHUNK_ROWS"]
 

@@ -1,6 +1,7 @@
 """Predictions by variant name: the fastirl variants of :mod:`.model` and the
-peers of :mod:`.peers` behind one function (``predict``), for the command line,
-the calibration and ``fastirl-bench``."""
+peers of :mod:`.peers` (both built on the launch costs of :mod:`.launches`)
+behind one function (``predict``), for the command line, the calibration and
+``fastirl-bench``."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import torch
 from fastirl.backends import chunking
 
 from . import peers
+from .launches import (DEFAULT_OPTIONS, Options, Prediction, Shape, calibrate_cpu,
+                       torch_has_addmm_out_dtype)
+from .model import CUDA_FASTIRL, fastirl_cpu, fastirl_gpu, torch_backend, variant_name
 from .variants import split_variant
-from .model import (CUDA_FASTIRL, DEFAULT_OPTIONS, Options, Prediction, Shape, fastirl_cpu,
-                    fastirl_gpu, torch_backend, variant_name, calibrate_cpu,
-                    torch_has_addmm_out_dtype)
 from fastirl.backends.hardware import Hardware
 
 __all__ = ["cuda_variants", "cpu_variants", "predict", "predict_all", "predict_ms",

@@ -236,7 +236,7 @@ TABLE_HEAD = ["variant", "mode", "forward", "forward+backward", "peak extra memo
 def add_predictions(rows: list[dict], hw, loss_preset: str = "default",
                     inputs: str = "lm") -> None:
     """predicted_ms and predicted_peak_mib of the cost model
-    (fastirl.bench.model, calibrated) beside the measured forward+backward and
+    (fastirl.bench.predict, calibrated) beside the measured forward+backward and
     peak extra memory, for the variants it models on this device."""
     from . import predict as model
     for r in rows:

@@ -1,10 +1,11 @@
 """``python -m fastirl.bench.roofline``: the cost model's command line.
 
-The model is :mod:`fastirl.bench.model` (fastirl's launches from the
-backends' planners) and :mod:`fastirl.bench.peers` (the other
-implementations); the published measurements it is calibrated and checked
-against are :mod:`fastirl.bench.calibration`.  This module prints the tables,
-writes the CSV (with :func:`fastirl.bench.report.write_rows`) and the plot.
+The model is :mod:`fastirl.bench.launches` (what a launch costs),
+:mod:`fastirl.bench.model` (fastirl's launches from the backends' planners)
+and :mod:`fastirl.bench.peers` (the other implementations); the published
+measurements it is calibrated and checked against are
+:mod:`fastirl.bench.calibration`.  This module prints the tables, writes the
+CSV (with :func:`fastirl.bench.report.write_rows`) and the plot.
 
     python -m fastirl.bench.roofline                 # Llama-3-8B head, H100, N = 1k..64k
     python -m fastirl.bench.roofline --calibration   # every published figure vs the model
@@ -15,8 +16,9 @@ writes the CSV (with :func:`fastirl.bench.report.write_rows`) and the plot.
     python -m fastirl.bench.roofline --pareto --frozen-head
     python -m fastirl.bench.roofline --variants fastirl-triton@compact,liger,cce
 
-Names of the model are re-exported here (``roofline.predict``, ...) for the
-code that imported them from this module.
+The prediction functions of :mod:`fastirl.bench.predict` are re-exported
+here (``roofline.predict``, ...) for the code that imported them from this
+module.
 """
 
 from __future__ import annotations
@@ -28,18 +30,17 @@ from pathlib import Path
 
 import torch
 
-from fastirl.backends.hardware import GPUS
+from fastirl.backends.hardware import GPUS, gpu
 
 from . import calibration as CAL
-from .model import (DEFAULT_OPTIONS, ISZ, Op, Options, Prediction, Shape,  # noqa: F401
-                    calibrate_cpu, elementwise, gemm, gpu, torch_has_addmm_out_dtype)
+from .launches import DEFAULT_OPTIONS, Options, Prediction, Shape, calibrate_cpu
 from .predict import (bench_hardware, cpu_variants, cuda_variants, predict,  # noqa: F401
                       predict_all, predict_ms, sweep)
 from .report import markdown_table, text_table, write_rows
 
-__all__ = ["Op", "Shape", "Prediction", "Options", "gpu", "calibrate_cpu", "cuda_variants",
-           "cpu_variants", "predict", "predict_all", "predict_ms", "bench_hardware", "rows",
-           "main", "CSV_COLUMNS", "table", "sweep_table", "calibration_table"]
+__all__ = ["cuda_variants", "cpu_variants", "predict", "predict_all", "predict_ms",
+           "bench_hardware", "rows", "main", "CSV_COLUMNS", "table", "sweep_table",
+           "calibration_table"]
 
 CSV_COLUMNS = ["variant", "gpu", "launches", "flops", "hbm_bytes", "predicted_ms",
                "predicted_vs_floor", "mode", "tokens", "hidden", "vocab", "dtype",
