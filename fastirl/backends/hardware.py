@@ -3,7 +3,7 @@
 Every fact about a GPU that the code uses lives here: data-sheet peaks (GEMM
 rate per operand type, vector float32 rate, memory bandwidth), SM count, L2
 size, memory, the planner's architecture class, and the **achievable
-fractions** of those peaks that the cost model (:mod:`fastirl.bench.model`)
+fractions** of those peaks that the cost model (:mod:`fastirl.bench.launches`)
 charges launches at, fitted to published measurements
 (:mod:`fastirl.bench.calibration`, docs/gpu-model.md).
 
