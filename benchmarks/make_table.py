@@ -3,11 +3,15 @@
     python benchmarks/make_table.py                       # every benchmarks/results/*.csv
     python benchmarks/make_table.py benchmarks/results/issue2-cpu.csv   # the cpu-fp32 preset's
     python benchmarks/make_table.py --write docs/table.md
+    python benchmarks/make_table.py --side-by-side benchmarks/results/memory-*.csv
 
 For each CSV: the main-shape table (variant, mode, forward, forward+backward
 as median ±half-range, peak extra memory, ratios to the naive IQ loss and to
 the matmul floor), the variants not measured with their one-line reasons, and
 the sweep tables (peak memory and time against tokens / vocabulary).
+``--side-by-side``: one table of several CSVs (one shape and dtype each), a
+row per variant and a column per CSV, each cell forward+backward time and
+peak extra memory (the README's CPU table).
 """
 
 from __future__ import annotations
@@ -62,10 +66,38 @@ def tables(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    if r["status"] != "ok":            # the reason's first clause: "needs ~20 GiB (estimate)"
+        why = (r.get("reason") or "").split(",")[0].replace(" (--job-timeout)", "")
+        return r["status"] + (f" ({why})" if why else "")
+    ms, mib = float(r["fb_ms_median"]), float(r["peak_mib"])
+    t = f"{ms / 1000:.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
+    m = f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
+    return f"{t}, {m}"
+
+
+def side_by_side(paths: list[Path]) -> str:
+    """A row per variant, a column per CSV: 'time, peak' of forward+backward."""
+    cols, variants = [], []
+    for path in paths:
+        main = {r["variant"]: r for r in report.read_csv(path) if r["sweep"] == "main"}
+        first = next(iter(main.values()))
+        cols.append((f"B={first['batch']} T={first['seq']} H={first['hidden']} "
+                     f"V={first['vocab']} {first['dtype']}", main))
+        variants += [v for v in main if v not in variants]
+    head = ["variant"] + [c for c, _ in cols]
+    cells = [[f"`{v}`"] + [_cell(m.get(v)) for _, m in cols] for v in variants]
+    return report.markdown_table(head, cells) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("csv", nargs="*", help="result CSVs (default: benchmarks/results/*.csv)")
     p.add_argument("--write", help="write the markdown to this file instead of stdout")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="one table of the CSVs: a row per variant, a column per CSV")
     args = p.parse_args(argv)
     paths = [Path(c) for c in args.csv] or sorted((ROOT / "benchmarks" / "results").glob("*.csv"))
     if not paths:
@@ -75,7 +107,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"make_table: no such file: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
-    text = "\n".join(tables(p) for p in paths)
+    text = side_by_side(paths) if args.side_by_side else "\n".join(tables(p) for p in paths)
     if args.write:
         Path(args.write).write_text(text)
     else:
