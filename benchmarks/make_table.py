@@ -72,10 +72,7 @@ def _cell(r: dict | None) -> str:
     if r["status"] != "ok":            # the reason's first clause: "needs ~20 GiB (estimate)"
         why = (r.get("reason") or "").split(",")[0].replace(" (--job-timeout)", "")
         return r["status"] + (f" ({why})" if why else "")
-    ms, mib = float(r["fb_ms_median"]), float(r["peak_mib"])
-    t = f"{ms / 1000:.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
-    m = f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
-    return f"{t}, {m}"
+    return f"{report.fmt_ms(r['fb_ms_median'])}, {report.fmt_mib(r['peak_mib'])}"
 
 
 def side_by_side(paths: list[Path]) -> str:
