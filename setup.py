@@ -23,16 +23,30 @@ installed; an isolated build (plain ``pip install -e .``) skips the extension.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
+from pathlib import Path
 
 from setuptools import setup
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
-CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno", "-fno-trapping-math",
-             "-ffp-contract=fast"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-lineinfo"]
+
+
+def _compiler_flags() -> dict:
+    """CXX_FLAGS and NVCC_FLAGS as fastirl/backends/native_build.py declares them
+    for the JIT build (read, not imported: importing the package needs more
+    than the build has)."""
+    src = Path(__file__).resolve().parent / "fastirl" / "backends" / "native_build.py"
+    return {t.id: ast.literal_eval(node.value)
+            for node in ast.parse(src.read_text()).body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)
+            and t.id in ("CXX_FLAGS", "NVCC_FLAGS")}
+
+
+_FLAGS = _compiler_flags()
+CXX_FLAGS, NVCC_FLAGS = _FLAGS["CXX_FLAGS"], _FLAGS["NVCC_FLAGS"]
 
 
 def _want_cuda(torch) -> bool:

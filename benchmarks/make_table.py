@@ -3,7 +3,8 @@
     python benchmarks/make_table.py                       # every benchmarks/results/*.csv
     python benchmarks/make_table.py benchmarks/results/issue2-cpu.csv   # the cpu-fp32 preset's
     python benchmarks/make_table.py --write docs/table.md
-    python benchmarks/make_table.py --side-by-side benchmarks/results/memory-*.csv
+    python benchmarks/make_table.py --side-by-side benchmarks/results/memory-*.csv \\
+        --into README.md:cpu-table --into docs/benchmarks.md:measured-cpu-table
 
 For each CSV: the main-shape table (variant, mode, forward, forward+backward
 as median ±half-range, peak extra memory, ratios to the naive IQ loss and to
@@ -75,18 +76,47 @@ def _cell(r: dict | None) -> str:
     return f"{report.fmt_ms(r['fb_ms_median'])}, {report.fmt_mib(r['peak_mib'])}"
 
 
+# (hidden, vocab) of the heads the README's CPU table measures
+HEAD_NAMES = {(512, 32000): "small head", (2048, 128256): "Llama-3.2-1B head",
+              (1152, 262144): "Gemma-3-1B head"}
+SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+
+
+def _column_label(r: dict) -> str:
+    name = HEAD_NAMES.get((int(r["hidden"]), int(r["vocab"])))
+    if name is None:
+        return f"B={r['batch']} T={r['seq']} H={r['hidden']} V={r['vocab']} {r['dtype']}"
+    return (f"{name} (N={r['tokens']} H={r['hidden']} V={r['vocab']}) "
+            f"{SHORT_DTYPE.get(r['dtype'], r['dtype'])}")
+
+
 def side_by_side(paths: list[Path]) -> str:
-    """A row per variant, a column per CSV: 'time, peak' of forward+backward."""
+    """A row per variant, a column per CSV (smallest head first, bf16 before
+    float32): 'time, peak' of forward+backward."""
     cols, variants = [], []
     for path in paths:
         main = {r["variant"]: r for r in report.read_csv(path) if r["sweep"] == "main"}
         first = next(iter(main.values()))
-        cols.append((f"B={first['batch']} T={first['seq']} H={first['hidden']} "
-                     f"V={first['vocab']} {first['dtype']}", main))
+        size = int(first["tokens"]) * int(first["hidden"]) * int(first["vocab"])
+        cols.append(((size, first["dtype"] != "bfloat16"), _column_label(first), main))
         variants += [v for v in main if v not in variants]
-    head = ["variant"] + [c for c, _ in cols]
-    cells = [[f"`{v}`"] + [_cell(m.get(v)) for _, m in cols] for v in variants]
+    cols.sort(key=lambda c: c[0])
+    head = ["variant"] + [c for _, c, _ in cols]
+    cells = [[f"`{v}`"] + [_cell(m.get(v)) for _, _, m in cols] for v in variants]
     return report.markdown_table(head, cells) + "\n"
+
+
+def splice(text: str, target: str) -> None:
+    """Replace what lies between ``<!-- MARKER -->`` and the next
+    ``<!-- end -->`` of FILE (target "FILE:MARKER") with ``text``."""
+    path, _, marker = target.rpartition(":")
+    doc = Path(path).read_text()
+    begin = f"<!-- {marker} -->\n"
+    a = doc.find(begin)
+    b = doc.find("<!-- end -->", a)
+    if a < 0 or b < 0:
+        raise SystemExit(f"make_table: {path} has no '<!-- {marker} -->' ... '<!-- end -->'")
+    Path(path).write_text(doc[:a + len(begin)] + text + doc[b:])
 
 
 def main(argv=None) -> int:
@@ -95,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--write", help="write the markdown to this file instead of stdout")
     p.add_argument("--side-by-side", action="store_true",
                    help="one table of the CSVs: a row per variant, a column per CSV")
+    p.add_argument("--into", action="append", default=[], metavar="FILE:MARKER",
+                   help="write the markdown between '<!-- MARKER -->' and '<!-- end -->' "
+                        "of FILE (repeatable)")
     args = p.parse_args(argv)
     paths = [Path(c) for c in args.csv] or sorted((ROOT / "benchmarks" / "results").glob("*.csv"))
     if not paths:
@@ -105,9 +138,11 @@ def main(argv=None) -> int:
         print(f"make_table: no such file: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
     text = side_by_side(paths) if args.side_by_side else "\n".join(tables(p) for p in paths)
+    for target in args.into:
+        splice(text, target)
     if args.write:
         Path(args.write).write_text(text)
-    else:
+    elif not args.into:
         sys.stdout.write(text)
     return 0
 

@@ -796,3 +796,16 @@ def test_cuda_backend_python_path_on_cpu_tensors(keep, dtype, spec):
     dtype, dz in place, float32 dW, float16 scaling) run on CPU tensors, where
     the same ops dispatch to the CPU kernels."""
     check_backend(native.NativeCUDABackend(), "cpu", dtype, keep=keep, spec=spec)
+
+
+def test_setup_py_builds_with_the_jit_flags(monkeypatch):
+    """setup.py's extension flags are the JIT build's (declared once, in
+    native_build.py)."""
+    import runpy
+
+    import setuptools
+    monkeypatch.setenv("FASTIRL_BUILD_EXT", "0")
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    got = runpy.run_path(str(CSRC.parent / "setup.py"))
+    assert got["CXX_FLAGS"] == native_build.CXX_FLAGS
+    assert got["NVCC_FLAGS"] == native_build.NVCC_FLAGS

@@ -14,3 +14,19 @@ def test_ci_runs_the_readme_test_command():
     commands = [b.split("\n```")[0].strip() for b in blocks]
     assert "fastirl-bench" in commands[0]
     assert commands[1] == ci[0]
+
+
+def test_the_cpu_tables_are_the_committed_measurements():
+    """README's and docs/benchmarks.md's measured CPU table is what
+    benchmarks/make_table.py makes of benchmarks/results/memory-*.csv."""
+    import subprocess
+    import sys
+    csvs = sorted(str(p) for p in (ROOT / "benchmarks" / "results").glob("memory-*.csv"))
+    assert len(csvs) == 6
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_table.py"),
+                            "--side-by-side", *csvs], capture_output=True, text=True,
+                           check=True).stdout
+    for doc, marker in (("README.md", "cpu-table"), ("docs/benchmarks.md", "measured-cpu-table")):
+        text = (ROOT / doc).read_text()
+        begin = text.index(f"<!-- {marker} -->\n") + len(f"<!-- {marker} -->\n")
+        assert text[begin:text.index("<!-- end -->", begin)] == table, doc

@@ -40,6 +40,7 @@ _HEADERS = ("iq_math.h", "iq_ops.h")
 # -fno-trapping-math lets GCC if-convert (vectorise) the selects of the AVX2 and
 # baseline clones; -ffp-contract=fast turns the a*b+c of iq_math.h into FMAs
 # where the clone's ISA has them (-std=c++20 would otherwise forbid it).
+# setup.py reads both lists from here (with ast): keep them literals.
 CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno", "-fno-trapping-math",
              "-ffp-contract=fast"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-lineinfo"]

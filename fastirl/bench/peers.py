@@ -45,12 +45,20 @@ Each model lists the launches the peer's published code makes at a shape
 * ``torchtune-ce``: TorchTune's ``CEWithChunkedOutputLoss`` (8 chunks): the
   eager cross-entropy per chunk of the logits, every chunk's float32
   ``log_softmax`` kept for the backward, dW summed over the chunks.
+  ``torchtune-ce-compiled``: the same as TorchTune's recipes run it with
+  ``compile: True`` (``training.compile_loss`` compiles each chunk's upcast +
+  cross-entropy, not the chunking): per chunk the fused reduction and fused
+  backward of ``torch-compile-ce``.
 * ``trl-chunked-nll``: TRL's ``loss_type="chunked_nll"`` as of Sept 2026
   (``sft_trainer._chunk`` after huggingface/trl#6863): chunks of 256 tokens
   under ``torch.utils.checkpoint``; per chunk ``(h @ Wᵀ).float()``,
   ``log_softmax``, ``nll_loss``, ``argmax`` and the entropy
   ``-(p * log p).sum()`` in eager PyTorch, recomputed in the backward, whose
   dW of every chunk is added into the accumulated gradient by autograd.
+  ``trl-chunked-nll-kept``: the same chunks without the recomputation, every
+  chunk's float32 ``log_p`` and ``exp(log_p)`` kept for the backward (8 bytes a
+  logit): the reading that reproduces huggingface/trl#7244's figures (see
+  docs/gpu-model.md).
 * ``naive``: fastirl's own reference IQ loss (``fastirl.reference``), eager.
 * micro-benchmarks: ``matmul-floor`` (the three GEMMs: X Wᵀ, G W, Gᵀ X),
   ``mm`` (one (N, H) x (H, V) GEMM), ``copy`` (a device-to-device copy of an
@@ -179,30 +187,47 @@ def torch_compile_ce(s: Shape, hw, opts: Options, *, softcap: bool = False, phas
 
 
 def torchtune_ce(s: Shape, hw, opts: Options, *, softcap: bool = False, phase: str = "both",
-                 chunks: int = 8):
+                 chunks: int = 8, compiled: bool = False):
     """TorchTune's chunked-output cross-entropy: the logits in ``chunks`` GEMMs,
-    eager cross-entropy per chunk; autograd sums the chunks' dW (bf16)."""
+    a cross-entropy per chunk (eager, or compiled as TorchTune's
+    ``compile_loss`` does it); autograd sums the chunks' dW (bf16)."""
     N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
     c = math.ceil(N / chunks)
     e = c * V
+    if compiled:        # the torch-compile-ce kernels on each chunk
+        ce_fwd = [elementwise("fused_lse", e, 2 * isz, 8.0, launches=2)]
+        ce_bwd = [elementwise("fused_ce_bwd", e, 2 * isz, 8.0, launches=2)]
+    else:
+        ce_fwd = [elementwise("to_float32", e, isz + 4, 1.0), _f32_log_softmax(e),
+                  small_launches("nll_loss", 3)]
+        ce_bwd = [elementwise("nll_backward_zeros", e, 4, 0.0, launches=2),
+                  _f32_log_softmax_bwd(e), elementwise("to_bf16", e, 4 + isz, 1.0)]
     fwd, bwd = [], []
     for _ in range(chunks):
-        fwd += [gemm("gemm_logits", c, V, H, s.dtype),
-                elementwise("to_float32", e, isz + 4, 1.0), _f32_log_softmax(e),
-                small_launches("nll_loss", 3)]
-        bwd += [elementwise("nll_backward_zeros", e, 4, 0.0, launches=2),
-                _f32_log_softmax_bwd(e), elementwise("to_bf16", e, 4 + isz, 1.0),
-                gemm("gemm_dx", c, H, V, s.dtype), gemm("gemm_dw", V, H, c, s.dtype),
+        fwd += [gemm("gemm_logits", c, V, H, s.dtype), *ce_fwd]
+        bwd += [*ce_bwd, gemm("gemm_dx", c, H, V, s.dtype), gemm("gemm_dw", V, H, c, s.dtype),
                 elementwise("dW_sum", V * H, 3 * isz, 1.0)]
     ops = {"loss": fwd, "grad": bwd, "both": fwd + bwd}[phase]
-    loss_peak = N * V * 4 + e * (isz + 4)
-    grad_peak = V * H * isz * 2 + e * (4 + 4 + isz)
+    if compiled:        # bf16 logits of every chunk kept; one chunk's gradient at a time
+        loss_peak = N * V * isz
+        grad_peak = V * H * isz * 2 + N * V * isz + e * isz
+    else:
+        loss_peak = N * V * 4 + e * (isz + 4)
+        grad_peak = V * H * isz * 2 + e * (4 + 4 + isz)
     peak = {"loss": loss_peak, "grad": grad_peak, "both": max(loss_peak, grad_peak)}[phase]
-    return ops, peak, f"{chunks} chunks of {c} rows", "CE"
+    how = "compiled" if compiled else "eager"
+    return ops, peak, f"{chunks} chunks of {c} rows, {how}", "CE"
 
 
-def trl_chunked_nll(s: Shape, hw, opts: Options, *, softcap: bool = False, chunk: int = 256):
-    """TRL ``chunked_nll`` (Sept 2026): see the module doc."""
+def torchtune_ce_compiled(s: Shape, hw, opts: Options, *, softcap: bool = False,
+                          phase: str = "both", chunks: int = 8):
+    return torchtune_ce(s, hw, opts, softcap=softcap, phase=phase, chunks=chunks, compiled=True)
+
+
+def trl_chunked_nll(s: Shape, hw, opts: Options, *, softcap: bool = False, chunk: int = 256,
+                    checkpoint: bool = True):
+    """TRL ``chunked_nll`` (Sept 2026): see the module doc.  checkpoint=False:
+    the chunks' activations kept instead of recomputed."""
     N, V, H, isz = s.tokens, s.vocab, s.hidden, s.isz
     n = math.ceil(N / chunk)
     e = chunk * V
@@ -216,14 +241,24 @@ def trl_chunked_nll(s: Shape, hw, opts: Options, *, softcap: bool = False, chunk
               elementwise("to_bf16", e, 4 + isz, 1.0)]
     ops: list[Op] = [small_launches("argsort_gather", 8)]
     for i in range(n):
-        # forward without grad, the checkpoint's recomputation, the backward
+        # the forward (without grad under the checkpoint), its recomputation, the backward
         ops += [gemm("gemm_logits", chunk, V, H, s.dtype), *fwd_ew]
-        ops += [gemm("gemm_logits", chunk, V, H, s.dtype), *fwd_ew, *bwd_ew,
-                gemm("gemm_dx", chunk, H, V, s.dtype), gemm("gemm_dw", V, H, chunk, s.dtype)]
+        if checkpoint:
+            ops += [gemm("gemm_logits", chunk, V, H, s.dtype), *fwd_ew]
+        ops += [*bwd_ew, gemm("gemm_dx", chunk, H, V, s.dtype),
+                gemm("gemm_dw", V, H, chunk, s.dtype)]
         if i:
             ops.append(elementwise("dW_accumulate", V * H, 3 * isz, 1.0))
     peak = 2 * V * H * isz + e * (isz + 6 * 4)
-    return ops, peak, f"{n} checkpointed chunks of {chunk} rows", "CE"
+    if not checkpoint:              # log_p and exp(log_p) of every chunk, float32
+        peak += (n - 1) * e * 8
+    how = "checkpointed" if checkpoint else "kept (no recomputation)"
+    return ops, peak, f"{n} chunks of {chunk} rows, {how}", "CE"
+
+
+def trl_chunked_nll_kept(s: Shape, hw, opts: Options, *, softcap: bool = False,
+                         chunk: int = 256):
+    return trl_chunked_nll(s, hw, opts, softcap=softcap, chunk=chunk, checkpoint=False)
 
 
 def naive_iq(s: Shape, hw, opts: Options, *, softcap: bool = False, need_weight: bool = True):
@@ -409,7 +444,8 @@ def _lenient(fn):
 PEERS = {
     "matmul-floor": floor, "mm": mm, "copy": copy,
     "naive": naive_iq, "naive-ce": naive_ce, "torch-compile-ce": torch_compile_ce,
-    "torchtune-ce": torchtune_ce, "trl-chunked-nll": trl_chunked_nll,
+    "torchtune-ce": torchtune_ce, "torchtune-ce-compiled": torchtune_ce_compiled,
+    "trl-chunked-nll": trl_chunked_nll, "trl-chunked-nll-kept": trl_chunked_nll_kept,
     "trl-selective-log-softmax": trl_selective_log_softmax, "trl-entropy": trl_entropy,
     "liger": liger, "liger-2026": liger_2026, "liger-2024": liger_2024,
     "cce": cce, "cce-2024": cce_2024, "cce-nosort-2024": cce_nosort_2024,
