@@ -27,7 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_logits import dlogits, online_update, round_to, softcap_fn, store_partials, swizzle
+from .triton_logits import (dlogits, online_update, round_to, row_coefficients, row_state,
+                            softcap_fn, store_partials, swizzle)
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -116,11 +117,7 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_p
     rmask = rows < n
     rows64 = rows.to(tl.int64)
     tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
-    m = tl.full((BLOCK_M,), NEG_INF, tl.float32)
-    s = tl.zeros((BLOCK_M,), tl.float32)
-    w = tl.zeros((BLOCK_M,), tl.float32)
-    idx = tl.zeros((BLOCK_M,), tl.int32)
-    zs = tl.zeros((BLOCK_M,), tl.float32)
+    m, s, w, idx, zs = row_state(BLOCK_M)
     v_begin = pid_s * vb_per_split * BLOCK_N
     v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_N)
     q = target_logit(x_ptr, w_ptr, b_ptr, rows64, tgt, rmask & (tgt >= v_begin) & (tgt < v_end),
@@ -186,13 +183,8 @@ def linear_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, value_ptr, gv_ptr, gt_p
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
-    value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
-    gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
-    gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
-    gs = gt
-    if GRAD_SUM:
-        gs = tl.load(gs_ptr + rows64, mask=rmask, other=0.0)
+    tgt, value, gv, gt, gs = row_coefficients(tgt_ptr, value_ptr, gv_ptr, gt_ptr, gs_ptr,
+                                              rows64, rmask, GRAD_SUM)
     scale = 1.0
     if SCALE_DZ:
         big = tl.max(tl.maximum(tl.abs(gv), tl.abs(gt)), 0)

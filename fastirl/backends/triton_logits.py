@@ -126,6 +126,29 @@ def online_update(z, cmask, cols, tgt, m, s, w, q, idx, zs, inv_tau,
     return m_new, s, w, q, idx, zs
 
 
+# The running statistics of BLOCK rows before their first tile: max m = -inf,
+# s = w = zs = 0, argmax idx = 0 (q starts as the caller's).
+@triton.jit
+def row_state(BLOCK: tl.constexpr):
+    zero = tl.zeros((BLOCK,), tl.float32)
+    return tl.full((BLOCK,), NEG_INF, tl.float32), zero, zero, tl.zeros((BLOCK,), tl.int32), zero
+
+
+# The per-row inputs of the gradient: target, soft value V and the coefficients
+# A (gv), B (gt), C (gs; B's slot when there is no GRAD_SUM) of dlogits.
+@triton.jit
+def row_coefficients(tgt_ptr, value_ptr, gv_ptr, gt_ptr, gs_ptr, rows64, rmask,
+                     GRAD_SUM: tl.constexpr):
+    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
+    value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
+    gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
+    gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
+    gs = gt
+    if GRAD_SUM:
+        gs = tl.load(gs_ptr + rows64, mask=rmask, other=0.0)
+    return tgt, value, gv, gt, gs
+
+
 # dL/dz = A * p + B * [v == target] (+ C),  p = exp((z - V) / tau)   (z capped)
 # times d(c tanh(u/c))/du = 1 - tanh^2 = 1 - (z / c)^2 with soft-capping.
 # C (GRAD_SUM) is the coefficient of dL/dZ, Z = sum_v z_v: dZ/dz_v = 1 for every
@@ -178,12 +201,8 @@ def logits_stats_kernel(z_ptr, tgt_ptr, pm_ptr, ps_ptr, pw_ptr, pq_ptr, pi_ptr, 
     rmask = rows < n
     rows64 = rows.to(tl.int64)
     tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
-    m = tl.full((BLOCK_R,), NEG_INF, tl.float32)
-    s = tl.zeros((BLOCK_R,), tl.float32)
-    w = tl.zeros((BLOCK_R,), tl.float32)
+    m, s, w, idx, zs = row_state(BLOCK_R)
     q = tl.zeros((BLOCK_R,), tl.float32)
-    idx = tl.zeros((BLOCK_R,), tl.int32)
-    zs = tl.zeros((BLOCK_R,), tl.float32)
     v_begin = pid_s * vb_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + vb_per_split * BLOCK_V)
     row_ptr = z_ptr + rows64[:, None] * stride_z
@@ -281,13 +300,8 @@ def logits_grad_kernel(z_ptr, tgt_ptr, value_ptr, gv_ptr, gt_ptr, gs_ptr, out_pt
     rmask = rows < n
     rows64 = rows.to(tl.int64)
     mask = rmask[:, None] & (cols < V)[None, :]
-    tgt = tl.load(tgt_ptr + rows64, mask=rmask, other=-1).to(tl.int32)
-    value = tl.load(value_ptr + rows64, mask=rmask, other=0.0)
-    gv = tl.load(gv_ptr + rows64, mask=rmask, other=0.0)
-    gt = tl.load(gt_ptr + rows64, mask=rmask, other=0.0)
-    gs = gt
-    if GRAD_SUM:
-        gs = tl.load(gs_ptr + rows64, mask=rmask, other=0.0)
+    tgt, value, gv, gt, gs = row_coefficients(tgt_ptr, value_ptr, gv_ptr, gt_ptr, gs_ptr,
+                                              rows64, rmask, GRAD_SUM)
     z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     if SOFTCAP:
