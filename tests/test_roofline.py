@@ -568,3 +568,18 @@ def test_the_alternative_readings_stay_documented():
            for v in ("trl-chunked-nll", "trl-chunked-nll-kept")}
     assert gib["trl-chunked-nll"] == pytest.approx(3.26, rel=0.03)
     assert gib["trl-chunked-nll-kept"] / 13.1 == pytest.approx(0.93, rel=0.03)
+
+
+def test_the_model_charges_each_backends_block():
+    """bench.model.block_itemsize restates the backends' block_itemsize (the
+    model must run where Triton or a GPU is missing): the two agree."""
+    from fastirl.backends.native import NativeCPUBackend, NativeCUDABackend
+    from fastirl.backends.torch_chunked import TorchChunkedBackend
+    from fastirl.backends.triton_kernels import TritonBackend
+    classes = {"torch": TorchChunkedBackend, "cpu": NativeCPUBackend,
+               "cuda": NativeCUDABackend, "triton": TritonBackend}
+    for name, cls in classes.items():
+        be = object.__new__(cls)            # the method reads no state
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            shape = L.Shape(64, 32, 100, str(dtype).split(".")[-1])
+            assert MODEL.block_itemsize(name, shape) == be.block_itemsize(dtype), (name, dtype)

@@ -84,7 +84,9 @@ def _engine_rows(backend: str, s: Shape, hw: Hardware, chunk_size: int | None = 
 def block_itemsize(backend: str, s: Shape) -> int:
     """Bytes per element of the backend's logits block: the input dtype's for
     the cuBLAS + epilogue backends ("triton", "cuda") and "cpu" (float32 for
-    float32 inputs), float32 for "torch"."""
+    float32 inputs), float32 for "torch".  The backends' own
+    ``block_itemsize(dtype)``, restated so that the model runs without Triton
+    or a GPU; tests/test_roofline.py checks the two agree."""
     if backend == "torch":
         return 8 if s.dtype == "float64" else 4
     return s.isz
