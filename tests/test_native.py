@@ -802,10 +802,11 @@ def test_setup_py_builds_with_the_jit_flags(monkeypatch):
     """setup.py's extension flags are the JIT build's (declared once, in
     native_build.py)."""
     import runpy
+    import sys
+    import types
 
-    import setuptools
     monkeypatch.setenv("FASTIRL_BUILD_EXT", "0")
-    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setitem(sys.modules, "setuptools", types.SimpleNamespace(setup=lambda **kw: None))
     got = runpy.run_path(str(CSRC.parent / "setup.py"))
     assert got["CXX_FLAGS"] == native_build.CXX_FLAGS
     assert got["NVCC_FLAGS"] == native_build.NVCC_FLAGS
