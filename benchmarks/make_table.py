@@ -106,17 +106,26 @@ def side_by_side(paths: list[Path]) -> str:
     return report.markdown_table(head, cells) + "\n"
 
 
-def splice(text: str, target: str) -> None:
-    """Replace what lies between ``<!-- MARKER -->`` and the next
-    ``<!-- end -->`` of FILE (target "FILE:MARKER") with ``text``."""
-    path, _, marker = target.rpartition(":")
-    doc = Path(path).read_text()
+def section(doc: str, marker: str) -> tuple[int, int]:
+    """Start and end of what lies between the line ``<!-- MARKER -->`` and the
+    next ``<!-- end -->`` of ``doc``; ValueError when either is missing."""
     begin = f"<!-- {marker} -->\n"
     a = doc.find(begin)
-    b = doc.find("<!-- end -->", a)
-    if a < 0 or b < 0:
-        raise SystemExit(f"make_table: {path} has no '<!-- {marker} -->' ... '<!-- end -->'")
-    Path(path).write_text(doc[:a + len(begin)] + text + doc[b:])
+    b = doc.find("<!-- end -->", a) if a >= 0 else -1
+    if b < 0:
+        raise ValueError(f"no '<!-- {marker} -->' ... '<!-- end -->'")
+    return a + len(begin), b
+
+
+def splice(text: str, target: str) -> None:
+    """Replace the ``section`` MARKER of FILE (target "FILE:MARKER") with ``text``."""
+    path, _, marker = target.rpartition(":")
+    doc = Path(path).read_text()
+    try:
+        a, b = section(doc, marker)
+    except ValueError as exc:
+        raise SystemExit(f"make_table: {path} has {exc}") from None
+    Path(path).write_text(doc[:a] + text + doc[b:])
 
 
 def main(argv=None) -> int:
