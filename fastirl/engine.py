@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import objective as obj
-from .backends import LogitSpec, resolve_backend
+from .backends import LogitSpec, resolve_backend, scratch
 from .backends.base import Backend, RowStats, acc_dtype
 from .backends.hardware import hardware_for
 from .backends.merge import combine
@@ -161,6 +161,7 @@ def _local(targets: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
                        torch.full_like(targets, -1))
 
 
+@scratch.scope()
 def _slab_stats(job: _Job, x, w, b) -> list[RowStats]:
     """The statistics pass of the "slabs" plan: per slab, per block of rows; the
     slabs' statistics combine into those of the whole vocabulary."""
@@ -190,8 +191,9 @@ class _RowStats(torch.autograd.Function):
         if job.memory is not None and job.memory.mode == "slabs" and job.plan.n:
             stats = _slab_stats(job, x, w, b)
         else:
-            stats = [job.backend.forward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
-                                         job.spec, keep=False)[0] for s, e, _ in job.chunks()]
+            with scratch.scope():
+                stats = [job.backend.forward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
+                                             job.spec, keep=False)[0] for s, e, _ in job.chunks()]
         out = _collect(stats, x.device, acc_dtype(job.dtype or x.dtype))
         job.extras.update(entropy=out["entropy"], argmax=out["argmax"])
         ctx.job = job
@@ -209,16 +211,18 @@ class _RowStats(torch.autograd.Function):
             return (None, *_slab_backward(job, ctx.needs_input_grad[1:], x, weight, bias, w, b,
                                           value, grad_value, grad_target, grad_sum))
         dx, dw, db = _grad_buffers(job, x, weight, bias, ctx.needs_input_grad[1:])
-        for s, e, _ in job.chunks():
-            dx_c = job.backend.backward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
-                                        value[s:e], grad_value[s:e], grad_target[s:e], job.spec,
-                                        None, need_x=dx is not None, dweight=dw, dbias=db,
-                                        **_sum_kw(grad_sum, s, e))
-            if dx is not None:
-                job.put(dx, s, e, dx_c)
+        with scratch.scope():         # closed before dW is made from its accumulator
+            for s, e, _ in job.chunks():
+                dx_c = job.backend.backward(job.rows(x, s, e), w, b, job.plan.targets[s:e],
+                                            value[s:e], grad_value[s:e], grad_target[s:e],
+                                            job.spec, None, need_x=dx is not None, dweight=dw,
+                                            dbias=db, **_sum_kw(grad_sum, s, e))
+                if dx is not None:
+                    job.put(dx, s, e, dx_c)
         return (None, dx, *_finish(dw, weight, db, bias))
 
 
+@scratch.scope()
 def _slab_backward(job: _Job, need, x, weight, bias, w, b, value, grad_value, grad_target,
                    grad_sum):
     """The "slabs" plan's gradients: per slab of S vocabulary columns, per block
@@ -275,42 +279,43 @@ class _SinglePass(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=x.device)
         stats, rewards = [], []
         carry = None          # dL/dV of this chunk's first row, from the previous chunk
-        for s, e, e_look in job.chunks(lookahead=True):
-            k = e - s
-            st, state = job.backend.forward(job.rows(x, s, e_look), w, b,
-                                            plan.targets[s:e_look], job.spec, keep=True)
-            smooth = st.logit_sum is not None
-            with torch.enable_grad():
-                q = st.target_logit[:k].detach().requires_grad_()
-                v = st.value.detach().requires_grad_()
-                lsum = st.logit_sum[:k].detach().requires_grad_() if smooth else None
-                loss, r = obj.row_losses(q, v[:k], plan.slice(s, e), opts,
-                                         v_after=v[k] if e_look > e else None, logit_sum=lsum)
-                wrt = (q, v, lsum) if smooth else (q, v)
-                got = torch.autograd.grad(loss.sum(), wrt, allow_unused=True,
-                                          materialize_grads=True)
-            grad_target, grad_value = got[0], got[1]
-            if carry is not None:
-                grad_value[0] += carry
-            carry = grad_value[k].clone() if e_look > e else None
-            pad = lambda g: torch.cat([g, g.new_zeros(e_look - e)])  # noqa: E731
-            grad_target = pad(grad_target)
-            if e_look > e:                       # the look-ahead row is the next chunk's
-                grad_value[k] = 0
-            extra = {"grad_sum": pad(got[2])} if smooth else {}
-            dx_c = job.backend.backward(job.rows(x, s, e_look), w, b,
-                                        plan.targets[s:e_look], st.value, grad_value,
-                                        grad_target, job.spec, state,
-                                        need_x=dx is not None, dweight=dw, dbias=db, **extra)
-            if dx is not None:
-                job.put(dx, s, e, dx_c[:k])
-            total += loss.detach().sum()
-            stats.append(RowStats(st.value[:k], st.target_logit[:k],
-                                  None if st.entropy is None else st.entropy[:k],
-                                  None if st.argmax is None else st.argmax[:k],
-                                  logit_sum=st.logit_sum[:k] if smooth else None))
-            rewards.append(r.detach())
-            del state, dx_c       # free this chunk's logits block before the next one
+        with scratch.scope():     # closed before dW is made from its accumulator
+            for s, e, e_look in job.chunks(lookahead=True):
+                k = e - s
+                st, state = job.backend.forward(job.rows(x, s, e_look), w, b,
+                                                plan.targets[s:e_look], job.spec, keep=True)
+                smooth = st.logit_sum is not None
+                with torch.enable_grad():
+                    q = st.target_logit[:k].detach().requires_grad_()
+                    v = st.value.detach().requires_grad_()
+                    lsum = st.logit_sum[:k].detach().requires_grad_() if smooth else None
+                    loss, r = obj.row_losses(q, v[:k], plan.slice(s, e), opts,
+                                             v_after=v[k] if e_look > e else None, logit_sum=lsum)
+                    wrt = (q, v, lsum) if smooth else (q, v)
+                    got = torch.autograd.grad(loss.sum(), wrt, allow_unused=True,
+                                              materialize_grads=True)
+                grad_target, grad_value = got[0], got[1]
+                if carry is not None:
+                    grad_value[0] += carry
+                carry = grad_value[k].clone() if e_look > e else None
+                pad = lambda g: torch.cat([g, g.new_zeros(e_look - e)])  # noqa: E731
+                grad_target = pad(grad_target)
+                if e_look > e:                       # the look-ahead row is the next chunk's
+                    grad_value[k] = 0
+                extra = {"grad_sum": pad(got[2])} if smooth else {}
+                dx_c = job.backend.backward(job.rows(x, s, e_look), w, b,
+                                            plan.targets[s:e_look], st.value, grad_value,
+                                            grad_target, job.spec, state,
+                                            need_x=dx is not None, dweight=dw, dbias=db, **extra)
+                if dx is not None:
+                    job.put(dx, s, e, dx_c[:k])
+                total += loss.detach().sum()
+                stats.append(RowStats(st.value[:k], st.target_logit[:k],
+                                      None if st.entropy is None else st.entropy[:k],
+                                      None if st.argmax is None else st.argmax[:k],
+                                      logit_sum=st.logit_sum[:k] if smooth else None))
+                rewards.append(r.detach())
+                del state, dx_c       # free this chunk's logits block before the next one
         out = _collect(stats, x.device, acc)
         out["reward"] = _cat(rewards, torch.zeros(0, dtype=acc, device=x.device))
         job.extras.update(out)

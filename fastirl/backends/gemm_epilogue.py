@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import chunking
+from . import chunking, scratch
 from .base import KERNEL_DTYPES, LogitSpec, RowStats
 
 __all__ = ["GemmEpilogueBackend", "dz_scale", "grad_gemms", "addmm_f32"]
@@ -89,7 +89,7 @@ def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float 
             log.warning("fastirl: torch.addmm(out_dtype=float32) failed (%s); dW GEMMs "
                         "go through low-precision slabs instead", exc)
     rows = max(1, min(acc.shape[0], _DW_SLAB_BYTES // (max(acc.shape[1], 1) * a.element_size())))
-    tmp = torch.empty((rows, acc.shape[1]), dtype=a.dtype, device=a.device)
+    tmp = scratch.empty("addmm_slab", (rows, acc.shape[1]), a.dtype, a.device)
     for r0 in range(0, acc.shape[0], rows):
         r1 = min(acc.shape[0], r0 + rows)
         part = torch.mm(a[r0:r1], b, out=tmp[: r1 - r0])

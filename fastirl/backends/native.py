@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import chunking
+from . import chunking, scratch
 from .base import KERNEL_DTYPES, LogitSpec, RowStats
 from .gemm_epilogue import GemmEpilogueBackend, addmm_f32
 from .native_build import load_library
@@ -132,8 +132,11 @@ class NativeCPUBackend:
     @staticmethod
     def _logits(x, weight, bias) -> torch.Tensor:
         """The logits block of a chunk: float32 for float32 inputs, the input
-        dtype otherwise."""
-        return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        dtype otherwise (in the call's scratch block: :mod:`.scratch`)."""
+        out = scratch.empty("block", (x.shape[0], weight.shape[0]), x.dtype, x.device)
+        if bias is not None:
+            return torch.addmm(bias, x, weight.t(), out=out)
+        return torch.mm(x, weight.t(), out=out)
 
     def forward(self, x, weight, bias, targets, spec: LogitSpec, *, keep: bool):
         z = self._logits(x, weight, bias)
