@@ -8,13 +8,14 @@ import fastirl
 from fastirl.backends import scratch
 
 
-def test_a_slot_is_reused_and_grown_within_a_scope():
+def test_a_slot_is_reused_and_grown_within_a_scope(monkeypatch):
+    monkeypatch.setattr(scratch, "MIN_BYTES", 0)
     cpu = torch.device("cpu")
     with scratch.scope():
         a = scratch.empty("block", (4, 8), torch.float32, cpu)
         b = scratch.empty("block", (2, 8), torch.float32, cpu)
         assert b.data_ptr() == a.data_ptr() and b.shape == (2, 8) and b.is_contiguous()
-        other = scratch.empty("addmm_slab", (4, 8), torch.float32, cpu)
+        other = scratch.empty("other", (4, 8), torch.float32, cpu)
         assert other.data_ptr() != a.data_ptr()
         big = scratch.empty("block", (64, 8), torch.float32, cpu)
         assert big.shape == (64, 8)
@@ -28,8 +29,9 @@ def test_a_slot_is_reused_and_grown_within_a_scope():
     assert scratch._slots.get() is None
 
 
-def test_outside_a_scope_or_off_the_cpu_every_request_is_new():
+def test_outside_a_scope_off_the_cpu_or_below_min_bytes_every_request_is_new(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(scratch, "MIN_BYTES", 0)
     a = scratch.empty("block", (4, 8), torch.float32, cpu)
     b = scratch.empty("block", (4, 8), torch.float32, cpu)
     assert a.data_ptr() != b.data_ptr()
@@ -37,6 +39,15 @@ def test_outside_a_scope_or_off_the_cpu_every_request_is_new():
         m = scratch.empty("block", (4, 8), torch.float32, torch.device("meta"))
         assert m.device.type == "meta"
         assert scratch._slots.get() == {}
+    monkeypatch.setattr(scratch, "MIN_BYTES", 4 * 32)          # 32 float32 elements
+    with scratch.scope():
+        small = scratch.empty("block", (4, 7), torch.float32, cpu)   # malloc reuses these
+        assert scratch._slots.get() == {}
+        big = scratch.empty("block", (4, 8), torch.float32, cpu)
+        assert scratch._slots.get()["block"].data_ptr() == big.data_ptr() != small.data_ptr()
+        # once the slot exists, a smaller request (a shorter last chunk) takes it too,
+        # instead of holding a second block beside it
+        assert scratch.empty("block", (2, 8), torch.float32, cpu).data_ptr() == big.data_ptr()
 
 
 @pytest.mark.parametrize("memory", ["fast", 60_000])   # rows plan; vocabulary slabs
@@ -59,6 +70,7 @@ def test_the_engine_takes_each_chunks_block_from_one_buffer(monkeypatch, memory,
         loss.backward()
         return loss.detach(), xx.grad, ww.grad
 
+    monkeypatch.setattr(scratch, "MIN_BYTES", 0)      # every block of this small head
     taken = []
     real = scratch.empty
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import chunking, scratch
+from . import chunking
 from .base import KERNEL_DTYPES, LogitSpec, RowStats
 
 __all__ = ["GemmEpilogueBackend", "dz_scale", "grad_gemms", "addmm_f32"]
@@ -45,10 +45,12 @@ log = logging.getLogger("fastirl")
 # Fallback of the float32-accumulated low-precision dW GEMM (CPU, or a torch
 # without CUDA addmm(out_dtype=)): the low-precision temporary is at most this
 # many bytes (a slab of rows), never a full copy.  Every slab GEMM packs its
-# right operand afresh, so slabs must be large: at B=2 T=4096 H=2048 V=128256
-# bf16 on the CPU (2048-row chunks) a forward+backward took 1.3x as long with
-# 8 MiB slabs as with 64 MiB ones, and 1.9x with 1 MiB ones.
-_DW_SLAB_BYTES = 64 << 20
+# right operand afresh, so slabs must not be small (1 MiB ones once took 1.9x as
+# long at B=2 T=4096 H=2048 V=128256 bf16 on the CPU), nor above glibc's mmap
+# threshold (at most 32 MiB), where each is fresh zero-filled pages: at that shape
+# (2048-row chunks, quiet machine) a forward+backward took 0.95x as long with
+# 16 MiB slabs as with 64 MiB ones (the GEMMs alone run within 3 % from 8 to 64 MiB).
+_DW_SLAB_BYTES = 16 << 20
 _OUT_DTYPE_OK = True
 
 
@@ -89,7 +91,7 @@ def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float 
             log.warning("fastirl: torch.addmm(out_dtype=float32) failed (%s); dW GEMMs "
                         "go through low-precision slabs instead", exc)
     rows = max(1, min(acc.shape[0], _DW_SLAB_BYTES // (max(acc.shape[1], 1) * a.element_size())))
-    tmp = scratch.empty("addmm_slab", (rows, acc.shape[1]), a.dtype, a.device)
+    tmp = torch.empty((rows, acc.shape[1]), dtype=a.dtype, device=a.device)
     for r0 in range(0, acc.shape[0], rows):
         r1 = min(acc.shape[0], r0 + rows)
         part = torch.mm(a[r0:r1], b, out=tmp[: r1 - r0])
