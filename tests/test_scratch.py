@@ -23,9 +23,10 @@ def test_a_slot_is_reused_and_grown_within_a_scope(monkeypatch):
         assert again.data_ptr() == big.data_ptr()
         half = scratch.empty("block", (4, 8), torch.bfloat16, cpu)      # another dtype
         assert half.dtype == torch.bfloat16
-        with scratch.scope():                                           # nested: the same
-            assert scratch.empty("block", (4, 8), torch.bfloat16, cpu).data_ptr() == \
+        with scratch.scope():                         # nested: its own slots
+            assert scratch.empty("block", (4, 8), torch.bfloat16, cpu).data_ptr() != \
                 half.data_ptr()
+        assert scratch.empty("block", (4, 8), torch.bfloat16, cpu).data_ptr() == half.data_ptr()
     assert scratch._slots.get() is None
 
 

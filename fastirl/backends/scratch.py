@@ -35,10 +35,8 @@ _slots: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fastirl_sc
 
 @contextlib.contextmanager
 def scope() -> Iterator[None]:
-    """Reuse scratch buffers until the block ends (nested scopes share the outer one's)."""
-    if _slots.get() is not None:
-        yield
-        return
+    """Reuse scratch buffers until the block ends.  A nested scope (a loss computed
+    while another one's chunk holds its block) has slots of its own."""
     token = _slots.set({})
     try:
         yield
