@@ -181,6 +181,15 @@ def test_interpolate_at():
 # ----------------------------------------------------------------------------- the grid
 
 
+def test_an_undefined_difference_is_not_called_significant():
+    """A setting that never reaches the matched sample accuracy has no value there
+    (NaN); its row must read as missing, not as a significant difference."""
+    undefined = {"seeds": 2, "diff": math.nan, "lo": -0.1, "hi": 0.2, "p": 0.5, "p_welch": None}
+    assert report.fmt_compare(undefined) == ["–", "–", "–", "–"]
+    real = {"seeds": 2, "diff": 0.1, "lo": 0.02, "hi": 0.2, "p": 0.01, "p_welch": 0.2}
+    assert report.fmt_compare(real) == ["+0.100 [+0.020, +0.200]", "0.010", "0.200", "**yes**"]
+
+
 def test_jobs_ids_and_cost():
     jobs = grid.jobs(list(grid.EXPERIMENTS))
     ids = [j.id for j in jobs]

@@ -164,7 +164,10 @@ def compare(runs_a: dict, runs_b: dict, fn, stat=None) -> dict | None:
 
 
 def fmt_compare(c: dict | None) -> list[str]:
-    if c is None:
+    """Δ [CI], bootstrap p, Welch p, significant; dashes without two seeds, or
+    where the difference is undefined (a setting that never reaches the matched
+    sample accuracy: its interpolated value is NaN)."""
+    if c is None or not math.isfinite(c["diff"]):
         return ["–", "–", "–", "–"]
     sig = "**yes**" if c["lo"] > 0 or c["hi"] < 0 else "no"
     pw = "–" if c["p_welch"] is None else f"{c['p_welch']:.3f}"
