@@ -184,7 +184,9 @@ def test_interpolate_at():
 def test_an_undefined_difference_is_not_called_significant():
     """A setting that never reaches the matched sample accuracy has no value there
     (NaN); its row must read as missing, not as a significant difference."""
-    undefined = {"seeds": 2, "diff": math.nan, "lo": -0.1, "hi": 0.2, "p": 0.5, "p_welch": None}
+    runs = {0: {"v": [1.0, 0.0, 1.0]}, 1: {"v": [0.0, 1.0, 1.0]}}
+    undefined = report.compare(runs, runs, lambda r: r["v"], stat=lambda take, arr: math.nan)
+    assert undefined is None
     assert report.fmt_compare(undefined) == ["–", "–", "–", "–"]
     real = {"seeds": 2, "diff": 0.1, "lo": 0.02, "hi": 0.2, "p": 0.01, "p_welch": 0.2}
     assert report.fmt_compare(real) == ["+0.100 [+0.020, +0.200]", "0.010", "0.200", "**yes**"]

@@ -143,7 +143,9 @@ def _mean(values) -> float:
 
 def compare(runs_a: dict, runs_b: dict, fn, stat=None) -> dict | None:
     """setting a - setting b over the seeds both have: the paired bootstrap and
-    Welch's test on the per-seed values.
+    Welch's test on the per-seed values; None with fewer than two seeds, or where
+    the difference is undefined (a setting that never reaches the matched sample
+    accuracy: its interpolated value is NaN).
 
     ``fn(result)`` gives a run's per-unit values (one per held-out problem or
     prompt: the last axis); ``stat(take, arrays)`` turns the (seeds x ... x units)
@@ -158,16 +160,15 @@ def compare(runs_a: dict, runs_b: dict, fn, stat=None) -> dict | None:
     stat = stat or (lambda take, arr: float(np.mean(take(arr))))
     boot = paired_bootstrap(lambda take: stat(take, a), lambda take: stat(take, b),
                             len(seeds), a.shape[-1], reps=BOOT_REPS)
+    if not math.isfinite(boot["diff"]):
+        return None
     per_seed = lambda arr: [stat(lambda x, i=i: x[[i]], arr) for i in range(len(seeds))]  # noqa: E731
     welch = welch_t_test(per_seed(a), per_seed(b))
     return {"seeds": len(seeds), **boot, "p_welch": None if welch is None else welch["p"]}
 
 
 def fmt_compare(c: dict | None) -> list[str]:
-    """Δ [CI], bootstrap p, Welch p, significant; dashes without two seeds, or
-    where the difference is undefined (a setting that never reaches the matched
-    sample accuracy: its interpolated value is NaN)."""
-    if c is None or not math.isfinite(c["diff"]):
+    if c is None:
         return ["–", "–", "–", "–"]
     sig = "**yes**" if c["lo"] > 0 or c["hi"] < 0 else "no"
     pw = "–" if c["p_welch"] is None else f"{c['p_welch']:.3f}"
