@@ -411,6 +411,33 @@ def test_reward_metrics_on_hand_made_samples():
     assert m9["AUC within prompt"] == pytest.approx((0.5 + 1.0) / 2)
 
 
+def test_an_all_undefined_differences_table_becomes_a_sentence():
+    head = ["| metric | setting | Δ vs MLE [95 % CI] | p |", "|---|---|---|---|"]
+    empty = head + ["| a | IQ | – | – |", "| b | IQ | – | – |"]
+    some = head + ["| a | IQ | +0.1 [+0.0, +0.2] | 0.04 |", "| b | IQ | – | – |"]
+    other = ["| setting | seeds |", "|---|---|", "| MLE | – |"]
+    assert report._without_empty_differences(other + [""] + empty) == \
+        other + ["", report.NO_DIFFERENCES]
+    assert report._without_empty_differences(some) == some
+
+
+PAGE = os.path.join(os.path.dirname(EXAMPLES), "docs", "results-smollm2.md")
+PAGE_SECTION = "## Grid results so far"
+
+
+def test_the_results_page_is_the_report_of_the_committed_job_files():
+    """Every table of the page's results section is what ``--report`` prints
+    from the job files in examples/results/smollm2/ (rerun ``--report`` and
+    paste it there after adding a job file)."""
+    with open(PAGE, encoding="utf-8") as f:
+        page = f.read()
+    start = page.index(PAGE_SECTION + "\n") + len(PAGE_SECTION) + 1
+    end = page.find("\n## ", start)
+    section = page[start:end if end >= 0 else len(page)].strip()
+    expected = report.markdown(report.load(grid.RESULTS)).strip()
+    assert section == expected
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 

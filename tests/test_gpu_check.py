@@ -1,4 +1,4 @@
-"""GPU checks of issue 11 (run by benchmarks/gpu_check.sh with ``pytest -m gpu``):
+"""The GPU checks (run by benchmarks/gpu_check.sh with ``pytest -m gpu``):
 every CUDA backend against the float64 reference, a head on a non-current
 device, N*V > 2^31 logits, more than 65,535 rows, bf16 in-place epilogues,
 extreme logits, float16 coefficients that would underflow.  Skipped without

@@ -650,7 +650,7 @@ def test_missing_sources_are_an_import_error(tmp_path, monkeypatch):
         native_build._jit("fastirl_missing", ("iq_cpu.cpp",), cuda=False)
 
 
-# ------------------------------------------------- robustness (issue 11, item 4)
+# ------------------------------------------------- robustness
 
 def test_nan_policy_matches_torch():
     """One NaN policy for every backend (torch.max's): a NaN logit makes the

@@ -554,8 +554,33 @@ def markdown(data: dict) -> str:
         ("Resources of one training step", table_resources(data)),
         ("Runs", table_runs(data)),
     ]
-    return "\n\n".join(f"### {title}\n\n" + "\n".join(lines)
+    return "\n\n".join(f"### {title}\n\n" + "\n".join(_without_empty_differences(lines))
                        for title, lines in sections if lines) + "\n"
+
+
+NO_DIFFERENCES = "(Differences to MLE with intervals and tests need two or more seeds per setting.)"
+
+
+def _without_empty_differences(lines: list[str]) -> list[str]:
+    """A table of differences to MLE whose every difference is undefined (one
+    seed per setting) is replaced by a sentence saying why."""
+    out, i = [], 0
+    while i < len(lines):
+        j = i
+        while j < len(lines) and lines[j].startswith("|"):
+            j += 1
+        if j == i:
+            out.append(lines[i])
+            i += 1
+            continue
+        table = lines[i:j]
+        head = [c.strip() for c in table[0].strip("|").split("|")]
+        col = next((k for k, c in enumerate(head) if c.startswith("Δ vs MLE")), None)
+        rows = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:]]
+        out += [NO_DIFFERENCES] if col is not None and all(r[col] == "–" for r in rows) \
+            else table
+        i = j
+    return out
 
 
 # ============================================================================ figures
