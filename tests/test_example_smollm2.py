@@ -422,7 +422,7 @@ def test_an_all_undefined_differences_table_becomes_a_sentence():
 
 
 PAGE = os.path.join(os.path.dirname(EXAMPLES), "docs", "results-smollm2.md")
-PAGE_SECTION = "## Grid results so far"
+PAGE_SECTION = "## Results"
 
 
 def test_the_results_page_is_the_report_of_the_committed_job_files():

@@ -600,7 +600,10 @@ def plot(data: dict, folder: str) -> list[str]:
     colors = dict(zip(grid.SETTINGS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     z = grid.sizes_for("main", data.get("smoke", False))
     temps = [str(t) for t in z["temperatures"]]
-    seeds_of = lambda runs: max((len(r) for r in runs.values()), default=0)  # noqa: E731
+
+    def seeds_of(runs: dict) -> str:
+        n = max((len(r) for r in runs.values()), default=0)
+        return f"{n} seed{'' if n == 1 else 's'}"
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     ax = axes[0, 0]
@@ -609,7 +612,7 @@ def plot(data: dict, folder: str) -> list[str]:
         _errorbar(ax, steps, pts, marker="o", ms=4, color=colors[s], label=_label(s))
     ax.set(xlabel="optimizer step", ylabel="greedy exact match",
            title=f"Learning curves ({z['n_curve']} held-out problems, "
-                 f"{seeds_of(data['main'])} seeds, ± SE)")
+                 f"{seeds_of(data['main'])}, ± SE)")
     ax.legend(fontsize=8)
 
     ax = axes[0, 1]
@@ -640,7 +643,7 @@ def plot(data: dict, folder: str) -> list[str]:
     zo = grid.sizes_for("overfit", data.get("smoke", False))
     ax.set(xlabel="epoch", ylabel="held-out greedy exact match",
            title=f"Overfitting: {zo['n_train']} training problems, {zo['n_greedy']} held-out "
-                 f"({seeds_of(data['overfit'])} seeds, ± SE)")
+                 f"({seeds_of(data['overfit'])}, ± SE)")
     ax.legend(fontsize=8)
 
     ax = axes[1, 1]
