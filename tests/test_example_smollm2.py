@@ -390,6 +390,9 @@ def test_report_and_plots_on_partial_results(tmp_path, capsys):
     decay = [line.split(" | ") for line in md.splitlines()
              if line.startswith("| decay (best − last 3) | IQ λ=0.1 |")]
     assert len(decay) == 1 and decay[0][2] != "–" and decay[0][4] != "–", decay  # Welch only
+    rise = [line.split(" | ") for line in md.splitlines()
+            if line.startswith("| NLL rise (last − lowest) | IQ λ=0.1 |")]
+    assert len(rise) == 1 and rise[0][2] != "–" and rise[0][4] != "–", rise
     assert any(line.startswith("| IQ λ=0.01, γ=0.95 | 0.95 | 0.95 (trained) | 2 |")
                for line in md.splitlines())
     example.main(["--smoke", "--results", results, "--plot-only"])

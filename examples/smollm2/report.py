@@ -374,13 +374,19 @@ def _decay(r: dict) -> float:
     return max(acc) - statistics.fmean(acc[-3:])
 
 
+def _nll_rise(r: dict) -> float:
+    """Held-out NLL after the last epoch minus its lowest over the epochs."""
+    nll = r["train_log"]["eval_nll"]
+    return nll[-1] - min(nll)
+
+
 def table_overfit_summary(data: dict) -> list[str]:
     runs = data["overfit"]
     if not runs:
         return []
     lines = _header(["setting", "seeds", "best greedy acc (epoch)", "last 3 epochs' greedy acc",
                      "decay (best − last 3)", "lowest held-out NLL (epoch)", "last held-out NLL",
-                     "last self-BLEU-4"])
+                     "NLL rise (last − lowest)", "last self-BLEU-4"])
     for s in _ordered(runs, "overfit"):
         rs = list(runs[s].values())
         ep, acc = overfit_series(runs[s], OVERFIT_METRICS["greedy acc"])
@@ -392,7 +398,7 @@ def table_overfit_summary(data: dict) -> list[str]:
                  for r in rs]
         lines.append(_row([_label(s), len(rs), f"{fmt(*acc[best])} ({ep[best]})", fmt_ms(last3),
                            fmt_ms([_decay(r) for r in rs]), f"{fmt(*nll[low])} ({ep[low]})",
-                           fmt(*nll[-1]), fmt(*sb[-1])]))
+                           fmt(*nll[-1]), fmt_ms([_nll_rise(r) for r in rs]), fmt(*sb[-1])]))
     if "mle" in runs:
         lines += ["", *_header(["metric", "setting", "Δ vs MLE [95 % CI]", "p (bootstrap)",
                                 "p (Welch, seeds)", "significant"])]
@@ -402,12 +408,13 @@ def table_overfit_summary(data: dict) -> list[str]:
                 continue
             lines.append(_row(["greedy acc, last 3 epochs", _label(s),
                                *fmt_compare(compare(runs[s], runs["mle"], last3))]))
-            w = welch_t_test([_decay(r) for r in runs[s].values()],
-                             [_decay(r) for r in runs["mle"].values()])
-            lines.append(_row(["decay (best − last 3)", _label(s),
-                               "–" if w is None else f"{w['diff']:+.3f}", "–",
-                               "–" if w is None else f"{w['p']:.3f}",
-                               "–" if w is None else ("**yes**" if w["p"] < 0.05 else "no")]))
+            for name, per_run in (("decay (best − last 3)", _decay),
+                                  ("NLL rise (last − lowest)", _nll_rise)):
+                w = welch_t_test([per_run(r) for r in runs[s].values()],
+                                 [per_run(r) for r in runs["mle"].values()])
+                lines.append(_row([name, _label(s), "–" if w is None else f"{w['diff']:+.3f}",
+                                   "–", "–" if w is None else f"{w['p']:.3f}",
+                                   "–" if w is None else ("**yes**" if w["p"] < 0.05 else "no")]))
             lines.append(_row(["held-out NLL, last epoch", _label(s), *fmt_compare(compare(
                 runs[s], runs["mle"], lambda r: [r["train_log"]["eval_nll"][-1]]))]))
     return lines
