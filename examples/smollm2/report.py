@@ -727,6 +727,8 @@ def plot(data: dict, folder: str) -> list[str]:
         ax2.set(ylabel="training tokens / s")
         ax2.legend(fontsize=8, loc="upper right")
         ax.tick_params(axis="x", labelsize=7)
+    else:                                     # no resources job yet: no empty frame
+        ax.set_axis_off()
     fig.tight_layout()
     paths.append(os.path.join(folder, "details.png"))
     fig.savefig(paths[1], dpi=90)
