@@ -412,6 +412,10 @@ def test_reward_metrics_on_hand_made_samples():
     m9 = report.reward_metrics(rewards, "0.9")
     assert m9["best-of-k by reward"] == 0.5        # prompt 0 picks a wrong one, prompt 1 the right
     assert m9["AUC within prompt"] == pytest.approx((0.5 + 1.0) / 2)
+    # ranks within prompt 0: reward (2, 3, 1), length (1, 2, 3); prompt 1: (1, 3, 2), (3, 2, 1)
+    longer = {**rewards, "len": [1, 2, 3, 3, 2, 1]}
+    assert report.reward_metrics(longer, "0.9")["Spearman (reward, length) within prompt"] == \
+        pytest.approx((-0.5 - 0.5) / 2)
 
 
 def test_an_all_undefined_differences_table_becomes_a_sentence():

@@ -118,12 +118,16 @@ def reward_metrics(rewards: dict, gamma: str) -> dict:
     within_auc = [roc_auc(x, c) for x, c in by_prompt(rewards, r)]
     within_rho = [spearman(x, ll) for (x, _), (ll, _) in
                   zip(by_prompt(rewards, r), by_prompt(rewards, rewards["loglik"]))]
+    within_len = [spearman(x, n) for (x, _), (n, _) in
+                  zip(by_prompt(rewards, r), by_prompt(rewards, rewards["len"]))]
     return {
         "AUC": roc_auc(r, correct),
         "AUC within prompt": _mean([a for a in within_auc if a is not None]),
         "Spearman (reward, correct)": spearman(r, correct),
         "Spearman (reward, likelihood) within prompt": _mean([x for x in within_rho
                                                               if x is not None]),
+        "Spearman (reward, length) within prompt": _mean([x for x in within_len
+                                                          if x is not None]),
         "best-of-k by reward": statistics.fmean(best_of_k(rewards, r)),
         "best-of-k by reward / token": statistics.fmean(best_of_k(rewards, s["reward / token"])),
         "best-of-k by likelihood": statistics.fmean(best_of_k(rewards, s["likelihood"])),
@@ -432,7 +436,8 @@ def reward_runs(data: dict) -> list[tuple[str, str, dict]]:
 
 
 REWARD_COLUMNS = ("AUC", "AUC within prompt", "Spearman (reward, correct)",
-                  "Spearman (reward, likelihood) within prompt", "best-of-k by reward",
+                  "Spearman (reward, likelihood) within prompt",
+                  "Spearman (reward, length) within prompt", "best-of-k by reward",
                   "best-of-k by likelihood", "best-of-k by likelihood / token", "random pick")
 
 
