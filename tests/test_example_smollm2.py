@@ -419,13 +419,13 @@ def test_reward_metrics_on_hand_made_samples():
 
 
 def test_an_all_undefined_differences_table_becomes_a_sentence():
-    head = ["| metric | setting | Δ vs MLE [95 % CI] | p |", "|---|---|---|---|"]
-    empty = head + ["| a | IQ | – | – |", "| b | IQ | – | – |"]
-    some = head + ["| a | IQ | +0.1 [+0.0, +0.2] | 0.04 |", "| b | IQ | – | – |"]
-    other = ["| setting | seeds |", "|---|---|", "| MLE | – |"]
-    assert report._without_empty_differences(other + [""] + empty) == \
-        other + ["", report.NO_DIFFERENCES]
-    assert report._without_empty_differences(some) == some
+    empty = [["a", "IQ", "–", "–", "–", "–"], ["b", "IQ", "–", "–", "–", "–"]]
+    some = [["a", "IQ", "+0.1 [+0.0, +0.2]", "0.04", "0.3", "**yes**"], empty[1]]
+    assert report.differences_table(empty) == [report.NO_DIFFERENCES]
+    table = report.differences_table(some)
+    assert table[0].startswith("| metric | setting | Δ vs MLE") and len(table) == 4
+    assert table[2:] == ["| a | IQ | +0.1 [+0.0, +0.2] | 0.04 | 0.3 | **yes** |",
+                         "| b | IQ | – | – | – | – |"]
 
 
 PAGE = os.path.join(os.path.dirname(EXAMPLES), "docs", "results-smollm2.md")

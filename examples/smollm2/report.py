@@ -179,6 +179,19 @@ def fmt_compare(c: dict | None) -> list[str]:
     return [f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]", f"{c['p']:.3f}", pw, sig]
 
 
+NO_DIFFERENCES = "(Differences to MLE with intervals and tests need two or more seeds per setting.)"
+
+
+def differences_table(cells: list[list[str]]) -> list[str]:
+    """Rows [metric, setting, difference, p (bootstrap), p (Welch), significant]
+    as a table; where no difference is defined (one seed per setting), a
+    sentence saying why instead."""
+    if all(row[2] == "–" for row in cells):
+        return [NO_DIFFERENCES]
+    return _header(["metric", "setting", "Δ vs MLE [95 % CI]", "p (bootstrap)",
+                    "p (Welch, seeds)", "significant"]) + [_row(row) for row in cells]
+
+
 def matched_level(data: dict) -> float | None:
     """The quality level at which diversity is compared: MLE's mean sample
     accuracy at T = 1 (None without MLE runs)."""
@@ -279,8 +292,7 @@ def table_significance(data: dict) -> list[str]:
     z = grid.sizes_for("main", data.get("smoke", False))
     temps = [str(t) for t in z["temperatures"]]
     level = matched_level(data)
-    lines = _header(["metric", "setting", "Δ vs MLE [95 % CI]", "p (bootstrap)",
-                     "p (Welch, seeds)", "significant"])
+    cells = []
     for s in _ordered(runs, "main"):
         if s == "mle":
             continue
@@ -296,9 +308,8 @@ def table_significance(data: dict) -> list[str]:
                 name = m.replace("pass@k", f"pass@{z['k']}")
                 rows.append((f"{name} at sample acc = {level:.3f}",
                              compare(runs[s], runs["mle"], *matched(level, temps, m))))
-        for name, c in rows:
-            lines.append(_row([name, _label(s), *fmt_compare(c)]))
-    return lines
+        cells += [[name, _label(s), *fmt_compare(c)] for name, c in rows]
+    return differences_table(cells)
 
 
 def table_matched(data: dict) -> list[str]:
@@ -404,23 +415,23 @@ def table_overfit_summary(data: dict) -> list[str]:
                            fmt_ms([_decay(r) for r in rs]), f"{fmt(*nll[low])} ({ep[low]})",
                            fmt(*nll[-1]), fmt_ms([_nll_rise(r) for r in rs]), fmt(*sb[-1])]))
     if "mle" in runs:
-        lines += ["", *_header(["metric", "setting", "Δ vs MLE [95 % CI]", "p (bootstrap)",
-                                "p (Welch, seeds)", "significant"])]
+        cells = []
         last3 = lambda r: [statistics.fmean(x) for x in zip(*r["epochs"]["greedy_correct"][-3:])]  # noqa: E731
         for s in _ordered(runs, "overfit"):
             if s == "mle":
                 continue
-            lines.append(_row(["greedy acc, last 3 epochs", _label(s),
-                               *fmt_compare(compare(runs[s], runs["mle"], last3))]))
+            cells.append(["greedy acc, last 3 epochs", _label(s),
+                          *fmt_compare(compare(runs[s], runs["mle"], last3))])
             for name, per_run in (("decay (best − last 3)", _decay),
                                   ("NLL rise (last − lowest)", _nll_rise)):
                 w = welch_t_test([per_run(r) for r in runs[s].values()],
                                  [per_run(r) for r in runs["mle"].values()])
-                lines.append(_row([name, _label(s), "–" if w is None else f"{w['diff']:+.3f}",
-                                   "–", "–" if w is None else f"{w['p']:.3f}",
-                                   "–" if w is None else ("**yes**" if w["p"] < 0.05 else "no")]))
-            lines.append(_row(["held-out NLL, last epoch", _label(s), *fmt_compare(compare(
-                runs[s], runs["mle"], lambda r: [r["train_log"]["eval_nll"][-1]]))]))
+                cells.append([name, _label(s), "–" if w is None else f"{w['diff']:+.3f}",
+                              "–", "–" if w is None else f"{w['p']:.3f}",
+                              "–" if w is None else ("**yes**" if w["p"] < 0.05 else "no")])
+            cells.append(["held-out NLL, last epoch", _label(s), *fmt_compare(compare(
+                runs[s], runs["mle"], lambda r: [r["train_log"]["eval_nll"][-1]]))])
+        lines += ["", *differences_table(cells)]
     return lines
 
 
@@ -566,33 +577,8 @@ def markdown(data: dict) -> str:
         ("Resources of one training step", table_resources(data)),
         ("Runs", table_runs(data)),
     ]
-    return "\n\n".join(f"### {title}\n\n" + "\n".join(_without_empty_differences(lines))
+    return "\n\n".join(f"### {title}\n\n" + "\n".join(lines)
                        for title, lines in sections if lines) + "\n"
-
-
-NO_DIFFERENCES = "(Differences to MLE with intervals and tests need two or more seeds per setting.)"
-
-
-def _without_empty_differences(lines: list[str]) -> list[str]:
-    """A table of differences to MLE whose every difference is undefined (one
-    seed per setting) is replaced by a sentence saying why."""
-    out, i = [], 0
-    while i < len(lines):
-        j = i
-        while j < len(lines) and lines[j].startswith("|"):
-            j += 1
-        if j == i:
-            out.append(lines[i])
-            i += 1
-            continue
-        table = lines[i:j]
-        head = [c.strip() for c in table[0].strip("|").split("|")]
-        col = next((k for k, c in enumerate(head) if c.startswith("Δ vs MLE")), None)
-        rows = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:]]
-        out += [NO_DIFFERENCES] if col is not None and all(r[col] == "–" for r in rows) \
-            else table
-        i = j
-    return out
 
 
 # ============================================================================ figures
